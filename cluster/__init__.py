@@ -1,0 +1,1 @@
+"""OpenAI-compatible multi-model LLM serving on Ray Serve and vLLM."""
