@@ -1,0 +1,60 @@
+"""Ray Serve options derived from the catalog: the one place deployment files become Serve.
+
+Both the application builder (:mod:`cluster.app`) and the generated Serve config that a
+KubeRay RayService embeds use these functions, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.catalog import ModelSpec
+from cluster.settings import Settings
+
+APP_NAME = "llm"
+IMPORT_PATH = "cluster.app:build_app"
+INGRESS_NAME = "Ingress"
+
+
+def replica_options(spec: ModelSpec) -> dict[str, Any]:
+    """`Deployment.options(...)` for one model's engine replicas."""
+    res = spec.resources
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.accelerator_type:
+        actor["accelerator_type"] = res.accelerator_type
+    if res.memory_gib:
+        actor["memory"] = int(res.memory_gib * 1024**3)
+    auto = spec.autoscaling
+    autoscaling: dict[str, Any] = {
+        "min_replicas": auto.min_replicas,
+        "max_replicas": auto.max_replicas,
+        "target_ongoing_requests": auto.target_ongoing_requests,
+        "upscale_delay_s": auto.upscale_delay_s,
+        "downscale_delay_s": auto.downscale_delay_s,
+    }
+    if auto.initial_replicas is not None:
+        autoscaling["initial_replicas"] = auto.initial_replicas
+    return {
+        "name": spec.deployment_name,
+        "ray_actor_options": actor,
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        # Loading a 70B model takes minutes: do not let Serve kill a replica for it.
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 30,
+    }
+
+
+def ingress_options(settings: Settings) -> dict[str, Any]:
+    """`Deployment.options(...)` for the HTTP ingress (CPU only, many concurrent streams)."""
+    return {
+        "name": INGRESS_NAME,
+        "ray_actor_options": {"num_cpus": settings.ingress_num_cpus},
+        "max_ongoing_requests": settings.ingress_max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": settings.ingress_min_replicas,
+            "max_replicas": settings.ingress_max_replicas,
+            "target_ongoing_requests": max(1, settings.ingress_max_ongoing_requests // 2),
+        },
+    }
