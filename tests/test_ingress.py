@@ -1,0 +1,260 @@
+"""The ingress and the replica logic over a fake engine: protocol, errors, streaming, billing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from cluster.admission import Outcome
+from cluster.catalog import ModelSpec
+from cluster.completions import ChatService
+from cluster.ingress import create_app
+from tests.fakes import LocalRouter, RecordingGate
+
+MODEL = "acme/echo-1"
+OTHER = "acme/echo-2"
+
+
+def spec(model_id: str, price_in: float, price_out: float) -> ModelSpec:
+    return ModelSpec.model_validate({
+        "id": model_id, "profile": "local", "source": {"path": "/nowhere"},
+        "engine": {"max_model_len": 64},
+        "pricing": {"input_per_million": price_in, "output_per_million": price_out}})
+
+
+@pytest.fixture
+def gate() -> RecordingGate:
+    return RecordingGate()
+
+
+@pytest.fixture
+def router() -> LocalRouter:
+    return LocalRouter([spec(MODEL, 100.0, 200.0), spec(OTHER, 1.0, 2.0)])
+
+
+@pytest.fixture
+async def client(router: LocalRouter, gate: RecordingGate) -> AsyncIterator[httpx.AsyncClient]:
+    service = ChatService(list(s.spec for s in router.replicas.values()), router, gate)
+    transport = httpx.ASGITransport(app=create_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello there world"}]} \
+        | fields
+
+
+async def test_plain_completion_has_seed_shape_and_cost(client: httpx.AsyncClient,
+                                                        gate: RecordingGate) -> None:
+    r = await client.post("/v1/openai/chat/completions", json=chat())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == MODEL
+    assert body["choices"][0]["message"] == {"role": "assistant",
+                                             "content": "hello there world"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    expected = (usage["prompt_tokens"] * 100.0 + usage["completion_tokens"] * 200.0) / 1e6
+    assert usage["estimated_cost"] == pytest.approx(expected)
+    assert r.headers["x-ratelimit-limit-requests"] == "100"
+    [(_, settled, outcome)] = gate.settled
+    assert outcome is Outcome.ok and settled.completion_tokens == 3
+
+
+async def test_both_paths_and_routing_by_model(client: httpx.AsyncClient) -> None:
+    for path in ("/v1/chat/completions", "/v1/openai/chat/completions"):
+        r = await client.post(path, json=chat(model=OTHER))
+        assert r.status_code == 200 and r.json()["model"] == OTHER
+
+
+async def test_models_list_has_context_and_prices(client: httpx.AsyncClient) -> None:
+    for path in ("/v1/models", "/v1/openai/models"):
+        data = (await client.get(path)).json()["data"]
+        assert {m["id"] for m in data} == {MODEL, OTHER}
+        echo = next(m for m in data if m["id"] == MODEL)
+        assert echo["context_length"] == 64
+        assert echo["pricing"]["input_per_million"] == 100.0
+
+
+async def test_health_reports_models(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health")
+    assert r.status_code == 200 and r.json()["models"] == {MODEL: True, OTHER: True}
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_stream_shape_usage_and_done(client: httpx.AsyncClient,
+                                           gate: RecordingGate) -> None:
+    r = await client.post("/v1/chat/completions",
+                          json=chat(stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["id"] for c in chunks} == {"chatcmpl-fake"}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "hello there world"
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish[0]["choices"][0]["finish_reason"] == "stop"
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    assert usage["estimated_cost"] == pytest.approx(
+        (usage["prompt_tokens"] * 100 + usage["completion_tokens"] * 200) / 1e6)
+    assert gate.settled[0][2] is Outcome.ok
+
+
+async def test_stream_without_include_usage_still_bills(client: httpx.AsyncClient,
+                                                        gate: RecordingGate) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert all("usage" not in c for c in chunks)
+    [(_, usage, outcome)] = gate.settled
+    assert outcome is Outcome.ok and usage.completion_tokens == 3 and usage.prompt_tokens > 0
+
+
+async def test_error_mid_stream_is_an_sse_error_then_done(
+        client: httpx.AsyncClient, router: LocalRouter, gate: RecordingGate) -> None:
+    router.engine(MODEL).fail_after = 1
+    r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    events = sse_events(r.text)
+    assert json.loads(events[-2])["error"]["message"] == "engine died"
+    assert events[-1] == "[DONE]"
+    assert gate.settled[0][2] is Outcome.error
+
+
+async def test_engine_refusal_is_400_before_stream(client: httpx.AsyncClient,
+                                                   gate: RecordingGate) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=1000))
+    assert r.status_code == 400
+    assert "maximum context length is 64" in r.json()["error"]["message"]
+    assert gate.settled[0][2] is Outcome.error
+
+
+async def test_max_tokens_gives_length(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/chat/completions", json=chat(max_tokens=1))).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 1
+
+
+BOUNDARIES: list[tuple[str, Any, Any]] = [
+    # field, accepted boundary values, first rejected values
+    ("temperature", [0, 2], [-0.01, 2.01]),
+    ("top_p", [0.001, 1], [0, 1.01]),
+    ("min_p", [0, 1], [-0.1, 1.1]),
+    ("top_k", [0, 999], [-1, 1000]),
+    ("max_tokens", [0, 1_000_000], [-1, 1_000_001]),
+    ("presence_penalty", [-2, 2], [-2.01, 2.01]),
+    ("frequency_penalty", [-2, 2], [-2.01, 2.01]),
+    ("repetition_penalty", [0.01, 5], [0.009, 5.01]),
+    ("seed", [0, 2**63 - 1], [-1, 2**63]),
+]
+
+
+@pytest.mark.parametrize(("field", "ok", "bad"), BOUNDARIES)
+async def test_ranges(client: httpx.AsyncClient, field: str, ok: list[Any],
+                      bad: list[Any]) -> None:
+    for value in ok:
+        r = await client.post("/v1/chat/completions", json=chat(**{field: value}))
+        # max_tokens=1e6 passes validation; the (fake) engine then refuses the context.
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 400:
+            assert "maximum context length" in r.json()["error"]["message"]
+    for value in bad:
+        r = await client.post("/v1/chat/completions", json=chat(**{field: value}))
+        assert r.status_code == 400, (field, value, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == field
+
+
+@pytest.mark.parametrize(("payload", "param"), [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].user.content"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+     "messages[0].tool.tool_call_id"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(stop=[""]), "stop"),
+    (chat(user="u" * 257), "user"),
+    (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    (chat(stream_options={"include_usage": True}), None),
+    (chat(unknown_field=1), "unknown_field"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+])
+async def test_bad_requests_are_400_with_param(client: httpx.AsyncClient,
+                                               payload: dict[str, Any],
+                                               param: str | None) -> None:
+    r = await client.post("/v1/chat/completions", json=payload)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(model="nope/nope"))
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert r.json()["error"]["param"] == "model"
+
+
+async def test_tools_and_multi_part_content_reach_the_engine(
+        client: httpx.AsyncClient) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "call it"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "user", "content": "thanks"},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = await client.post("/v1/chat/completions",
+                          json=chat(messages=messages, tools=tools, tool_choice="auto"))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "thanks"
+
+
+async def test_openai_sdk_against_the_app(router: LocalRouter, gate: RecordingGate) -> None:
+    service = ChatService([r.spec for r in router.replicas.values()], router, gate)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(service)))
+    sdk = openai.AsyncOpenAI(api_key="k", base_url="http://test/v1/openai", http_client=http,
+                             max_retries=0)
+    done = await sdk.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "a b"}])
+    assert done.choices[0].message.content == "a b"
+    assert done.usage is not None and done.usage.model_extra
+    assert done.usage.model_extra["estimated_cost"] > 0
+    stream = await sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a b c"}], stream=True,
+        stream_options={"include_usage": True})
+    pieces = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == "a b c"
+    assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError):
+        await sdk.chat.completions.create(model=MODEL, messages=[], temperature=3)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.chat.completions.create(model="x/y", messages=[{"role": "user",
+                                                                   "content": "a"}])
+    await http.aclose()
