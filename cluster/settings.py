@@ -10,7 +10,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +30,43 @@ class RedisFailMode(StrEnum):
     open = "open"  # per-replica in-memory limits until Redis returns
 
 
+class LimitDefaults(BaseModel):
+    """Limits of keys that set none, of the anonymous key, and the global per-model TPM.
+
+    Per-minute figures; 0 means no limit. Env: ``CLUSTER_LIMITS='{"rpm": 100}'`` or
+    ``CLUSTER_LIMITS__RPM=100``. See :mod:`cluster.limits`.
+    """
+
+    rpm: int = Field(60, ge=0)
+    tpm: int = Field(100_000, ge=0)
+    max_concurrent: int = Field(8, ge=0)
+    model_tpm: dict[str, int] = Field(default_factory=dict)  # model id -> tokens/min, all keys
+    default_model_tpm: int = Field(0, ge=0)  # for models not in model_tpm
+    slot_lease_s: float = Field(600, gt=0)  # a concurrency slot of a dead replica frees after
+    user_max_length: int = Field(256, ge=1)  # longer `user` values get a 400
+    redis_timeout_s: float = Field(0.5, gt=0)  # socket timeouts: a dead Redis must not hang
+    redis_retry_s: float = Field(1.0, ge=0)  # after a failure, skip Redis this long
+
+
+class AbuseRules(BaseModel):
+    """Rules that flag users of a key; evaluated when operators ask (``cluster users``)."""
+
+    retention_minutes: int = Field(24 * 60, ge=10)  # activity buckets kept this long
+    burst_factor: float = Field(5.0, gt=1)  # recent rate over N x the user's baseline
+    burst_window_minutes: int = Field(5, ge=1)
+    baseline_minutes: int = Field(60, ge=1)  # the window before the burst window
+    burst_min_requests: int = Field(30, ge=1)
+    window_minutes: int = Field(10, ge=1)  # of the 429 and max-length rules
+    rejected_429_threshold: int = Field(20, ge=1)
+    maxlen_fraction: float = Field(0.9, gt=0, le=1)  # reserve >= this x context = "max length"
+    maxlen_share: float = Field(0.8, gt=0, le=1)
+    maxlen_min_requests: int = Field(20, ge=1)
+    spend_retention_days: int = Field(400, ge=1)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLUSTER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CLUSTER_", extra="ignore",
+                                      env_nested_delimiter="__")
 
     profile: Profile = Profile.local
     deployments_dir: Path = REPO_ROOT / "deployments"
@@ -47,6 +82,8 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     # Requests without a key are refused unless this is on (local demos only).
     allow_anonymous: bool = False
+    limits: LimitDefaults = LimitDefaults()
+    abuse: AbuseRules = AbuseRules()
 
     ingress_max_ongoing_requests: int = 1000
     ingress_min_replicas: int = 1
