@@ -46,6 +46,8 @@ class ChatEngine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    def unfinished_requests(self) -> int: ...
+
     async def shutdown(self) -> None: ...
 
 
@@ -158,6 +160,11 @@ class VLLMChatEngine:
     async def check_health(self) -> None:
         assert self._llm is not None, "engine not started"
         await self._llm.check_health()
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still holds (running or queued); 0 after aborts."""
+        assert self._llm is not None, "engine not started"
+        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     async def shutdown(self) -> None:
         if self._llm is not None:

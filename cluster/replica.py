@@ -132,6 +132,9 @@ class ModelReplica:
     async def model_id(self) -> str:
         return self.core.spec.id
 
+    async def unfinished_requests(self) -> int:
+        return self.core.engine.unfinished_requests()
+
     async def check_health(self) -> None:
         """Called by Serve; a raise marks the replica unhealthy and Serve replaces it."""
         await self.core.engine.check_health()

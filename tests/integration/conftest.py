@@ -1,0 +1,108 @@
+"""One real local stack for the integration tests: Redis, Ray, Serve and vLLM on the CPU.
+
+Models: two deployments of a tiny random model built here (routing tests, fast generation)
+and the real SmolLM2-135M-Instruct made from the PyPI wheel (answers questions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from cluster.catalog import ModelSpec, load_spec
+from cluster.local_models import build_tiny_model
+from cluster.local_stack import LocalStack
+from cluster.redis_server import free_port
+from cluster.settings import REPO_ROOT
+
+TINY_A = "test/tiny-a"
+TINY_B = "test/tiny-b"
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def tiny_spec(model_id: str, path: Path) -> ModelSpec:
+    return ModelSpec.model_validate({
+        "id": model_id, "profile": "local", "source": {"path": str(path)},
+        "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True,
+                   "max_num_seqs": 8},
+        "resources": {"num_cpus": 0.25},
+        "max_ongoing_requests": 16,
+        "pricing": {"input_per_million": 1.5, "output_per_million": 3.0}})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model: Path) -> Iterator[LocalStack]:
+    smol = load_spec(REPO_ROOT / "deployments" / "smollm2-135m-instruct.yaml")
+    specs = [tiny_spec(TINY_A, tiny_model), tiny_spec(TINY_B, tiny_model), smol]
+    stack = LocalStack(specs, port=free_port(), include_dashboard=False,
+                       env={"CLUSTER_LIMITS__RPM": "100000", "CLUSTER_LIMITS__TPM": "0",
+                            "CLUSTER_LIMITS__MAX_CONCURRENT": "0"})
+    try:
+        stack.start(progress=print)
+        _wait_healthy(stack.base_url)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _wait_healthy(base_url: str, timeout_s: float = 600) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("the stack did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def api_key(stack: LocalStack) -> str:
+    from redis.asyncio import Redis
+
+    from cluster.keys import KeyStore
+
+    async def create() -> str:
+        client = Redis.from_url(stack.redis_url or "", decode_responses=True)
+        try:
+            return (await KeyStore(client).create(name="integration")).secret
+        finally:
+            await client.aclose()
+
+    return asyncio.run(create())
+
+
+@pytest.fixture(scope="session")
+def sdk(stack: LocalStack, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1/openai", api_key=api_key,
+                         max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(stack: LocalStack, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {api_key}"}) as client:
+        yield client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
