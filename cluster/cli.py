@@ -6,6 +6,7 @@ Sub-command groups live next to the code they drive and are mounted here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -21,9 +22,9 @@ app.add_typer(k8s_app, name="k8s")
 
 @app.command()
 def up(
-    profile: Profile = typer.Option(None, help="Which deployment files to serve."),
-    port: int = typer.Option(None, help="HTTP port (default 8000, or a free one)."),
-    deployments_dir: Path = typer.Option(None, help="Where the deployment files are."),
+    profile: Annotated[Profile | None, typer.Option(help="Deployment files to serve.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    deployments_dir: Annotated[Path | None, typer.Option(help="Deployment files.")] = None,
 ) -> None:
     """Start Redis, a local Ray cluster and every model of the profile; Ctrl-C stops all."""
     from cluster.up import run_up

@@ -70,7 +70,8 @@ def snippet(base_url: str, key: str, model: str) -> str:
 
 curl {base_url}/v1/openai/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  -d '{{"model": "{model}",
+       "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
 python - <<'PY'
 from openai import OpenAI
