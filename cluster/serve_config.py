@@ -58,3 +58,34 @@ def ingress_options(settings: Settings) -> dict[str, Any]:
             "target_ongoing_requests": max(1, settings.ingress_max_ongoing_requests // 2),
         },
     }
+
+
+# Serve's proxy must listen on every interface so the Kubernetes Service reaches it; these
+# are Serve's defaults, stated so the generated file says where traffic enters.
+HTTP_OPTIONS: dict[str, Any] = {"host": "0.0.0.0", "port": 8000}
+
+
+def model_args(spec: ModelSpec) -> dict[str, Any]:
+    """One catalog entry as JSON for ``args.models``; it must validate back to ``spec``."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    if ModelSpec.model_validate(data) != spec:
+        raise ValueError(f"{spec.id}: the spec does not survive a JSON round trip")
+    return data
+
+
+def serve_config(specs: list[ModelSpec], settings: Settings) -> dict[str, Any]:
+    """The Serve config (``serve deploy`` YAML, a RayService's ``serveConfigV2``) for ``specs``.
+
+    The whole catalog travels in ``args.models``, so the config alone says what is served.
+    Models are ordered by id and the ingress comes first, so the output is stable and a
+    change to ``deployments/`` shows up as a small diff.
+    """
+    ordered = sorted(specs, key=lambda s: s.id)
+    app: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": {"models": [model_args(s) for s in ordered]},
+        "deployments": [ingress_options(settings), *(replica_options(s) for s in ordered)],
+    }
+    return {"http_options": dict(HTTP_OPTIONS), "applications": [app]}
