@@ -16,6 +16,11 @@ MAX_USER_LENGTH = 256
 MAX_STOP_SEQUENCES = 16
 
 
+# The seeds' defaults, sent explicitly (vLLM would otherwise apply the model's own).
+SAMPLING_DEFAULTS = ("temperature", "top_p", "min_p", "top_k", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -160,8 +165,10 @@ class ChatCompletionRequest(_Model):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def engine_payload(self) -> dict[str, Any]:
-        """What the engine gets: the fields the client set, in the engine's vocabulary."""
+        """What the engine gets: the fields the client set, plus the API's sampling
+        defaults spelled out, so a model's own generation config cannot change them."""
         payload = self.model_dump(exclude_unset=True, exclude_none=True)
+        payload |= {k: getattr(self, k) for k in SAMPLING_DEFAULTS if k not in payload}
         payload["messages"] = [m.model_dump(exclude_none=True) for m in self.messages]
         return payload
 

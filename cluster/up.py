@@ -11,7 +11,6 @@ from types import FrameType
 
 import httpx
 from rich.console import Console
-from rich.panel import Panel
 
 from cluster.catalog import ModelSpec, load_catalog
 from cluster.local_stack import LocalStack, pick_port
@@ -70,13 +69,14 @@ def snippet(base_url: str, key: str, model: str) -> str:
 
 curl {base_url}/v1/openai/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-  -d '{{"model": "{model}",
+  -d '{{"model": "{model}", "temperature": 0,
        "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
 python - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base_url}/v1/openai", api_key="{key}")
-stream = client.chat.completions.create(model="{model}", stream=True,
+# temperature 0: a 135M model answers best greedily
+stream = client.chat.completions.create(model="{model}", stream=True, temperature=0,
     messages=[{{"role": "user", "content": "What is the capital of France?"}}])
 for chunk in stream:
     print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
@@ -97,9 +97,10 @@ def run_up(settings: Settings) -> None:
         wait_ready(stack.base_url)
         assert stack.redis_url is not None
         key = create_dev_key(stack.redis_url)
-        console.print(Panel(snippet(stack.base_url, key, specs[0].id),
-                            title=f"Ready in {time.monotonic() - started:.0f} s",
-                            subtitle="Ctrl-C stops everything"))
+        console.rule(f"Ready in {time.monotonic() - started:.0f} s")
+        console.print(snippet(stack.base_url, key, specs[0].id), soft_wrap=True,
+                      highlight=False)
+        console.rule("Ctrl-C stops everything")
         stop.wait()
     finally:
         with console.status("Stopping Serve, Ray and Redis"):

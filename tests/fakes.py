@@ -25,6 +25,7 @@ class FakeEngine:
         self.aborted = 0
         self.delay_s = 0.0
         self.fail_after: int | None = None  # raise mid-stream after this many words
+        self.last_payload: dict[str, Any] = {}
 
     async def start(self) -> None:
         return None
@@ -56,6 +57,7 @@ class FakeEngine:
         return prompt, words, finish
 
     async def chat(self, payload: dict[str, Any]) -> ChatResult:
+        self.last_payload = payload
         prompt, words, finish = self._plan(payload)
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words),
                  "total_tokens": prompt + len(words)}

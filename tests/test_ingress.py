@@ -258,3 +258,12 @@ async def test_openai_sdk_against_the_app(router: LocalRouter, gate: RecordingGa
         await sdk.chat.completions.create(model="x/y", messages=[{"role": "user",
                                                                    "content": "a"}])
     await http.aclose()
+
+
+async def test_engine_gets_the_seed_defaults_spelled_out(client: httpx.AsyncClient,
+                                                        router: LocalRouter) -> None:
+    await client.post("/v1/chat/completions", json=chat(top_k=5))
+    sent = router.engine(MODEL).last_payload
+    assert sent["temperature"] == 1.0 and sent["top_p"] == 1.0 and sent["min_p"] == 0.0
+    assert sent["repetition_penalty"] == 1.0 and sent["top_k"] == 5
+    assert "seed" not in sent and "max_tokens" not in sent  # unset stays unset
