@@ -77,6 +77,13 @@ class Autoscaling(_Strict):
         return self
 
 
+class Streaming(_Strict):
+    """How a replica spaces stream messages when busy (see cluster/streaming.py)."""
+
+    busy_streams: int = Field(4, ge=0)  # more concurrent streams than this = busy
+    busy_interval_ms: float = Field(20, ge=0)  # then at most one message per stream per this
+
+
 class Pricing(_Strict):
     """USD per one million tokens."""
 
@@ -101,6 +108,7 @@ class ModelSpec(_Strict):
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
     max_ongoing_requests: int = Field(64, ge=1)
+    streaming: Streaming = Streaming()
     # Reserved for rate limiting when a request gives no max_tokens.
     default_max_tokens: int = Field(512, ge=1)
     pricing: Pricing

@@ -70,6 +70,12 @@ class ReplicaCore:
     def __init__(self, spec: ModelSpec, engine: ChatEngine) -> None:
         self.spec = spec
         self.engine = engine
+        self.active_streams = 0
+
+    def _message_interval(self) -> float:
+        """Seconds between messages of one stream: 0 unless this replica is busy."""
+        s = self.spec.streaming
+        return s.busy_interval_ms / 1000 if self.active_streams > s.busy_streams else 0.0
 
     async def chat(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -89,10 +95,14 @@ class ReplicaCore:
             return
         assert not isinstance(events, dict)
         yield {"ok": True}
-        async for batch in coalesce(events):
-            out = _batch(batch)
-            if out["chunks"] or out["usage_chunk"]:
-                yield dict(out)
+        self.active_streams += 1
+        try:
+            async for batch in coalesce(events, min_interval=self._message_interval):
+                out = _batch(batch)
+                if out["chunks"] or out["usage_chunk"]:
+                    yield dict(out)
+        finally:
+            self.active_streams -= 1
 
 
 def resolve_model_path(spec: ModelSpec) -> str:
