@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -84,13 +84,19 @@ def lua(name: str) -> str:
     return (files("cluster") / name).read_text()
 
 
-def make_client(url: str, timeout: float = 0.5) -> Redis:
-    """A client whose calls fail fast when Redis is down. One retry, on connection errors
+def make_client(url: str, timeout: float = 1.0, max_connections: int = 64) -> Redis:
+    """A client whose calls fail fast when Redis is down.
+
+    A bounded pool (callers wait for a free connection, at most ``2 x timeout``): a burst of
+    requests must not open hundreds of connections at once. One retry, on connection errors
     only: it replaces a pooled connection that died with a restarted server; a timeout is
-    not retried, since the script may have run."""
-    return Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                          socket_connect_timeout=timeout, health_check_interval=0,
-                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    not retried, since the script may have run.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=2 * timeout, decode_responses=True,
+        socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    return Redis.from_pool(pool)
 
 
 def fmt_duration(ms: int) -> str:
@@ -154,7 +160,9 @@ class RedisGate:
     def from_url(cls, url: str, settings: Settings | None = None,
                  names: Names | None = None) -> RedisGate:
         settings = settings or get_settings()
-        return cls(make_client(url, settings.limits.redis_timeout_s), settings, names)
+        client = make_client(url, settings.limits.redis_timeout_s,
+                             settings.limits.redis_max_connections)
+        return cls(client, settings, names)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> RedisGate:

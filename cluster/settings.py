@@ -44,7 +44,8 @@ class LimitDefaults(BaseModel):
     default_model_tpm: int = Field(0, ge=0)  # for models not in model_tpm
     slot_lease_s: float = Field(600, gt=0)  # a concurrency slot of a dead replica frees after
     user_max_length: int = Field(256, ge=1)  # longer `user` values get a 400
-    redis_timeout_s: float = Field(0.5, gt=0)  # socket timeouts: a dead Redis must not hang
+    redis_timeout_s: float = Field(1.0, gt=0)  # socket timeouts: a dead Redis must not hang
+    redis_max_connections: int = Field(64, ge=1)  # per replica; callers queue for one
     redis_retry_s: float = Field(1.0, ge=0)  # after a failure, skip Redis this long
 
 

@@ -1,0 +1,21 @@
+"""Fixtures shared by every test module: a real Redis server (no fake Redis anywhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cluster.redis_server import RedisServer, local_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real server for the session, on a free loopback port, nothing on disk."""
+    with local_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url

@@ -1,0 +1,47 @@
+"""Helpers for the limiter tests: a model spec, settings, gates on a real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.catalog import ModelSpec
+from cluster.keys import Names
+from cluster.limits import RedisGate
+from cluster.settings import AbuseRules, LimitDefaults, RedisFailMode, Settings
+
+MODEL_A = "acme/model-a"
+MODEL_B = "acme/model-b"
+
+
+def spec(model_id: str = MODEL_A, context: int = 1000) -> ModelSpec:
+    return ModelSpec.model_validate({
+        "id": model_id, "profile": "local", "source": {"path": "/nowhere"},
+        "engine": {"max_model_len": context}, "default_max_tokens": 100,
+        "pricing": {"input_per_million": 1.0, "output_per_million": 2.0}})
+
+
+def settings(*, fail_mode: RedisFailMode = RedisFailMode.closed, anonymous: bool = False,
+             abuse: dict[str, Any] | None = None, **limits: Any) -> Settings:
+    """Settings with explicit limits (the environment must not change a test)."""
+    base: dict[str, Any] = {"rpm": 1000, "tpm": 1_000_000, "max_concurrent": 100}
+    return Settings(redis_fail_mode=fail_mode, allow_anonymous=anonymous, admin_key="admin",
+                    limits=LimitDefaults(**(base | limits)),
+                    abuse=AbuseRules(**(abuse or {})))
+
+
+def fresh_names() -> Names:
+    """A key prefix of its own: tests share one server without seeing each other's keys."""
+    return Names(f"t{secrets.token_hex(4)}:")
+
+
+@contextlib.asynccontextmanager
+async def open_gate(url: str, names: Names, conf: Settings | None = None
+                    ) -> AsyncIterator[RedisGate]:
+    gate = RedisGate.from_url(url, conf or settings(), names)
+    try:
+        yield gate
+    finally:
+        await gate.close()

@@ -1,0 +1,122 @@
+"""Redis stopped and restarted mid-run: fail closed (503) or open (in-memory), then recover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cluster.admission import Outcome, Usage
+from cluster.errors import APIError
+from cluster.keys import KeyLimits, KeyStore, Names
+from cluster.limits import RedisAdmission, RedisGate
+from cluster.redis_server import RedisServer
+from cluster.settings import RedisFailMode
+from tests.limits_support import fresh_names, open_gate, settings, spec
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SECRET = "sk-outage-test-key-0123456789abcdefghijklmnop"
+RETRY_S = 0.2
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A server of this test's own: it gets stopped."""
+    with RedisServer() as s:
+        yield s
+
+
+async def make_key(gate: RedisGate, names: Names, rpm: int) -> None:
+    """The same key again after a restart (the test server keeps nothing on disk)."""
+    await KeyStore(gate.redis, names).create("k", KeyLimits(rpm=rpm), secret=SECRET)
+
+
+async def admit(gate: RedisGate, key: str = SECRET) -> RedisAdmission:
+    granted = await gate.admit(api_key=key, user="u", model=spec(), reserve_tokens=10)
+    assert isinstance(granted, RedisAdmission)
+    return granted
+
+
+async def status(gate: RedisGate, key: str = SECRET) -> int:
+    try:
+        await admit(gate, key)
+    except APIError as e:
+        return e.status_code
+    return 200
+
+
+async def test_fail_closed_refuses_with_503_then_recovers(
+        server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    names = fresh_names()
+    conf = settings(fail_mode=RedisFailMode.closed, redis_retry_s=RETRY_S)
+    async with open_gate(server.url, names, conf) as gate:
+        await make_key(gate, names, rpm=100)
+        in_flight = await admit(gate)
+        server.stop()
+        caplog.set_level(logging.WARNING, logger="cluster.limits")
+        started = time.monotonic()
+        with pytest.raises(APIError) as info:
+            await admit(gate)
+        assert info.value.status_code == 503
+        assert "Redis" in info.value.message and "unreachable" in info.value.message
+        assert info.value.body()["error"]["code"] == "service_unavailable"
+        assert [await status(gate) for _ in range(20)] == [503] * 20
+        assert time.monotonic() - started < 1.0  # a dead Redis does not hang requests
+        await gate.settle(in_flight, Usage(1, 1, 0.0), Outcome.ok)  # must not raise
+        assert gate.stats.outages == 1 and gate.stats.unavailable == 21
+        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(warnings) == 1  # once per outage, not per request
+
+        server.start()
+        await make_key(gate, names, rpm=100)
+        await asyncio.sleep(RETRY_S)
+        granted = await admit(gate)
+        assert not granted.local
+        assert granted.headers["x-ratelimit-remaining-requests"] == "99"
+        assert not gate.redis_down
+
+
+async def test_fail_open_keeps_in_memory_limits_then_returns_to_redis(
+        server: RedisServer) -> None:
+    names = fresh_names()
+    conf = settings(fail_mode=RedisFailMode.open, redis_retry_s=RETRY_S)
+    async with open_gate(server.url, names, conf) as gate:
+        await make_key(gate, names, rpm=3)
+        from_redis = await admit(gate)  # this replica now knows the key
+        server.stop()
+        local = [await admit(gate) for _ in range(3)]  # the per-replica window starts empty
+        assert all(a.local for a in local)
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in local] == ["2", "1", "0"]
+        with pytest.raises(APIError) as info:
+            await admit(gate)
+        assert info.value.status_code == 429  # the in-memory limit holds
+        assert await status(gate, "sk-never-seen-by-this-replica-000000") == 503
+        for a in (from_redis, *local):
+            await gate.settle(a, Usage(1, 1, 0.0), Outcome.ok)  # nothing raises
+        assert gate.stats.local_admissions == 3 and gate.stats.outages == 1
+
+        server.start()
+        await make_key(gate, names, rpm=3)
+        await asyncio.sleep(RETRY_S)
+        back = await admit(gate)
+        assert not back.local
+        assert back.headers["x-ratelimit-remaining-requests"] == "2"  # Redis's count again
+        assert not gate.redis_down
+
+
+async def test_a_restart_between_two_requests_is_invisible(server: RedisServer) -> None:
+    """The pooled connection died with the server: one retry on a new one, and the script
+    is loaded again (NOSCRIPT) — the request succeeds."""
+    names = fresh_names()
+    async with open_gate(server.url, names, settings()) as gate:
+        await make_key(gate, names, rpm=100)
+        await admit(gate)
+        server.restart()
+        await make_key(gate, names, rpm=100)
+        granted = await admit(gate)
+        assert granted.headers["x-ratelimit-remaining-requests"] == "99"
+        assert gate.stats.redis_errors == 0
