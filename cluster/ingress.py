@@ -23,6 +23,7 @@ from cluster.admission import Gate, OpenGate
 from cluster.catalog import ModelSpec
 from cluster.completions import ChatService
 from cluster.errors import install_error_handlers
+from cluster.metrics import RayIngressMetrics
 from cluster.protocol import ChatCompletionRequest, ModelCard, ModelList
 from cluster.settings import Settings, get_settings
 
@@ -139,7 +140,8 @@ class Ingress:
         settings = get_settings()
         specs = [ModelSpec.model_validate(m) for m in models]
         self.gate = make_gate(settings)
-        self.service = ChatService(specs, HandleRouter(handles), self.gate)
+        self.service = ChatService(specs, HandleRouter(handles), self.gate,
+                                   metrics=RayIngressMetrics(specs, self.gate))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)

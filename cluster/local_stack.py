@@ -40,13 +40,20 @@ class LocalStack:
     app_args: dict[str, Any] = field(default_factory=dict)  # e.g. engine_cls for tests
     ray_num_cpus: int = 4  # logical CPUs: fractional replicas share the 2 real cores
     object_store_mb: int = 512
-    include_dashboard: bool = True
+    include_dashboard: bool = True  # metrics are exported without it too
+    # Ray's Prometheus endpoint (every node's metrics agent): None picks 8080 (KubeRay's
+    # port) when free, else any free port; see metrics_url.
+    metrics_port: int | None = None
     redis: RedisServer | None = None
     _ray_started: bool = False
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, progress: Progress = log.info) -> LocalStack:
         if self.redis_url is None:
@@ -67,10 +74,13 @@ class LocalStack:
                 os.environ.setdefault(k, v)  # an operator's own value wins
             else:
                 os.environ[k] = v
-        progress("Starting a local Ray cluster on 127.0.0.1")
+        if self.metrics_port is None:
+            self.metrics_port = pick_port(8080)
+        progress(f"Starting a local Ray cluster on 127.0.0.1 (metrics on {self.metrics_url})")
         ray.init(address="local", num_cpus=self.ray_num_cpus, _node_ip_address="127.0.0.1",
                  include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
                  object_store_memory=self.object_store_mb * 1024**2,
+                 _metrics_export_port=self.metrics_port,
                  logging_level=logging.WARNING, log_to_driver=False)
         self._ray_started = True
 
@@ -78,6 +88,9 @@ class LocalStack:
         from ray import serve
 
         from cluster.app import build_app
+        from cluster.settings import get_settings
+
+        get_settings.cache_clear()  # build_app reads the CLUSTER_* set in _start_ray
 
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         names = ", ".join(s.id for s in self.specs)
