@@ -119,20 +119,25 @@ local function trim(z, h)
   end
 end
 
--- when enough tokens leave the window for `need` more to fit under `limit`
+-- when enough tokens leave the window for `need` more to fit under `limit`; looks at the
+-- 1000 oldest entries at most (a refusal must stay cheap) and then answers with the
+-- last one's expiry, a lower bound: the client is told again when it retries
 local function token_retry(z, h, sum, limit, need)
   local excess = sum + need - limit
-  local freed, start = 0, 0
-  while start < 5000 do
-    local ids = redis.call('ZRANGE', z, start, start + 199, 'WITHSCORES')
-    if #ids == 0 then break end
-    for i = 1, #ids, 2 do
-      freed = freed + (tonumber(redis.call('HGET', h, ids[i])) or 0)
-      if freed >= excess then return math.max(0, tonumber(ids[i + 1]) + window - now) end
+  local freed, last = 0, window
+  for start = 0, 800, 200 do
+    local page = redis.call('ZRANGE', z, start, start + 199, 'WITHSCORES')
+    if #page == 0 then break end
+    local ids = {}
+    for i = 1, #page, 2 do ids[#ids + 1] = page[i] end
+    local toks = redis.call('HMGET', h, unpack(ids))
+    for i = 1, #ids do
+      freed = freed + (tonumber(toks[i]) or 0)
+      last = math.max(0, tonumber(page[2 * i]) + window - now)
+      if freed >= excess then return last end
     end
-    start = start + 200
   end
-  return window
+  return last
 end
 
 for _, s in ipairs(scopes) do
@@ -149,7 +154,7 @@ local function check_scope(s)
   end
   if s[5] > 0 and reserve > s[5] then
     bump({'rej', 'rej:429'})
-    return refuse(429, 'too_large', s[1], s[5], s[8], window)
+    return refuse(429, 'too_large', s[1], s[5], s[8], 1000)  -- waiting cannot help
   end
   if s[5] > 0 and s[8] + reserve > s[5] then
     bump({'rej', 'rej:429'})

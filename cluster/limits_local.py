@@ -174,8 +174,8 @@ class LocalLimiter:
                 return self._report(Decision(429, "requests", s.name, s.rpm, count,
                                              w.expiry_of_rank(count - s.rpm, now)), scopes, now)
             if s.tpm > 0 and reserve > s.tpm:
-                return self._report(Decision(429, "too_large", s.name, s.tpm, w.sum,
-                                             WINDOW_MS), scopes, now)
+                return self._report(Decision(429, "too_large", s.name, s.tpm, w.sum, 1000),
+                                    scopes, now)
             if s.tpm > 0 and w.sum + reserve > s.tpm:
                 return self._report(Decision(429, "tokens", s.name, s.tpm, w.sum,
                                              w.token_retry(s.tpm, reserve, now)), scopes, now)
