@@ -151,13 +151,17 @@ class KeyStore:
         encoded = _encode_models(models)
         if encoded:
             fields["models"] = encoded
-        # HSETNX on `hash` first: two keys sharing a 64-bit id prefix must not overwrite.
-        if not await self.redis.hsetnx(self.names.key(key_id), "hash", digest):
-            raise ValueError(f"{key_id} exists (same secret, or an id collision: retry)")
+        record = self.names.key(key_id)
+        # All or nothing, and never over an existing record (the same secret, or two keys
+        # sharing a 64-bit id prefix): WATCH, check, then MULTI/EXEC.
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.names.key(key_id), mapping=_mapping(fields))
+            await pipe.watch(record)
+            if await pipe.exists(record):
+                raise ValueError(f"{key_id} exists (same secret, or an id collision: retry)")
+            pipe.multi()
+            pipe.hset(record, mapping=_mapping(fields))
             pipe.sadd(self.names.index(), key_id)
-            await pipe.execute()
+            await pipe.execute()  # WatchError if another writer got there first
         return CreatedKey(secret=secret, record=_decode(fields))
 
     async def get(self, key_id: str) -> KeyRecord:

@@ -296,3 +296,22 @@ async def test_rejections_are_counted_for_abuse_monitoring(
     act = (await AbuseStore(gate.redis, names=names).activity(created.record.key_id, 5))["u"]
     assert (act.requests, act.rejected, act.rate_limited) == (1, 2, 1)
     assert act.other_rejections == {"400": 1}
+
+
+async def test_redis_holds_only_a_hash_of_each_key(gate: RedisGate, keys: KeyStore,
+                                                   names: Names) -> None:
+    created = await keys.create("k", secret="sk-imported-secret-0123456789")
+    granted = await admit(gate, created.secret, user="u")
+    await gate.settle(granted, Usage(1, 1, 0.0), Outcome.ok)
+    stored = []
+    async for name in gate.redis.scan_iter(match=f"{names.prefix}*"):
+        kind = await gate.redis.type(name)
+        if kind == "hash":
+            stored.extend([name, *(await gate.redis.hgetall(name)).items()])
+        elif kind in ("set", "zset"):
+            stored.extend([name, *(await gate.redis.zrange(name, 0, -1) if kind == "zset"
+                                   else await gate.redis.smembers(name))])
+    assert stored and "sk-imported" not in repr(stored)
+    with pytest.raises(ValueError):
+        await keys.create("again", secret="sk-imported-secret-0123456789")
+    assert [r.name for r in await keys.list_keys()] == ["k"]
