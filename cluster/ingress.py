@@ -130,6 +130,17 @@ def make_gate(settings: Settings) -> Gate:
                        "demo without keys)")
 
 
+def admin_routers(gate: Gate, settings: Settings) -> list[APIRouter]:
+    """The admin API, on the same Redis as the gate (none without Redis)."""
+    from cluster.limits import RedisGate
+
+    if not isinstance(gate, RedisGate):
+        return []
+    from cluster.admin import make_admin_router
+
+    return [make_admin_router(lambda: gate.redis, settings=settings)]
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -142,6 +153,7 @@ class Ingress:
         self.gate = make_gate(settings)
         self.service = ChatService(specs, HandleRouter(handles), self.gate,
                                    metrics=RayIngressMetrics(specs, self.gate))
+        self.routers = admin_routers(self.gate, settings)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.service)
+        return create_app(self.service, self.routers)

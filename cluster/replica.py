@@ -30,6 +30,9 @@ from cluster.streaming import coalesce
 log = logging.getLogger(__name__)
 
 DONE_EVENT = "data: [DONE]\n\n"
+# vLLM 0.32 writes these two always-null fields into every chunk; the seeds' chunks have no
+# such fields. Removing the exact text is far cheaper than re-serialising every chunk.
+NULL_NOISE = ',"prompt_token_ids":null,"prompt_text":null'
 
 
 class StreamBatch(TypedDict):
@@ -59,7 +62,7 @@ def _batch(events: list[str]) -> StreamBatch:
                 continue
         if event.startswith('data: {"error"'):
             failed = True
-        kept.append(event)
+        kept.append(event.replace(NULL_NOISE, ""))
     return StreamBatch(data="".join(kept), chunks=len(kept), usage_chunk=usage_chunk,
                        failed=failed)
 

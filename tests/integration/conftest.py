@@ -47,7 +47,10 @@ def stack(tiny_model: Path) -> Iterator[LocalStack]:
     specs = [tiny_spec(TINY_A, tiny_model), tiny_spec(TINY_B, tiny_model), smol]
     stack = LocalStack(specs, port=free_port(), include_dashboard=False,
                        env={"CLUSTER_LIMITS__RPM": "100000", "CLUSTER_LIMITS__TPM": "0",
-                            "CLUSTER_LIMITS__MAX_CONCURRENT": "0"})
+                            "CLUSTER_LIMITS__MAX_CONCURRENT": "0",
+                            # two ingress replicas: limits must hold across them
+                            "CLUSTER_INGRESS_MIN_REPLICAS": "2",
+                            "CLUSTER_INGRESS_MAX_REPLICAS": "2"})
     try:
         stack.start(progress=print)
         _wait_healthy(stack.base_url)
@@ -70,20 +73,31 @@ def _wait_healthy(base_url: str, timeout_s: float = 600) -> None:
     raise TimeoutError("the stack did not become healthy")
 
 
-@pytest.fixture(scope="session")
-def api_key(stack: LocalStack) -> str:
+SESSION_KEY = "sk-integration-session-key"
+
+
+def create_key(stack: LocalStack, name: str, secret: str | None = None,
+               models: list[str] | None = None, **limits: int) -> str:
+    """A key in the stack's Redis (the secret is returned; Redis keeps only its hash)."""
     from redis.asyncio import Redis
 
-    from cluster.keys import KeyStore
+    from cluster.keys import KeyLimits, KeyStore
 
     async def create() -> str:
         client = Redis.from_url(stack.redis_url or "", decode_responses=True)
         try:
-            return (await KeyStore(client).create(name="integration")).secret
+            made = await KeyStore(client).create(name=name, limits=KeyLimits(**limits),
+                                                 models=models, secret=secret)
+            return made.secret
         finally:
             await client.aclose()
 
     return asyncio.run(create())
+
+
+@pytest.fixture(scope="session")
+def api_key(stack: LocalStack) -> str:
+    return create_key(stack, "integration", secret=SESSION_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,8 @@ def test_raw_sse_ends_with_done_and_has_no_usage_unless_asked(http: httpx.Client
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert all("usage" not in c or c["usage"] is None for c in chunks)
+    assert all(set(c) <= {"id", "object", "created", "model", "choices", "system_fingerprint"}
+               for c in chunks)  # the seeds' fields, no vLLM-internal nulls
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
