@@ -13,15 +13,17 @@ client may send any string), ``reason`` an error code, ``status`` an HTTP status
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 from cluster.catalog import ModelSpec
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 # --- names as registered with Ray (Prometheus adds the prefix and suffixes below)
 
@@ -219,6 +221,19 @@ class GateHealth(Protocol):
     def stats(self) -> GateStatsLike: ...
 
 
+def _never_raises(method: Callable[P, None]) -> Callable[P, None]:
+    """Metrics must not fail a request: ChatService settles limits after recording."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            log.exception("recording ingress metrics failed (%s)", method.__name__)
+
+    return guarded
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -254,6 +269,7 @@ class RayIngressMetrics:
     def model(self, model: str) -> str:
         return model if not self.models or model in self.models else UNKNOWN_MODEL
 
+    @_never_raises
     def ongoing(self, model: str, delta: int) -> None:
         model = self.model(model)
         with self._lock:
@@ -261,6 +277,7 @@ class RayIngressMetrics:
             self._ongoing[model] = count
             self.m.ongoing.set(count, {"model": model})
 
+    @_never_raises
     def finished(self, record: RequestRecord) -> None:
         model, stream = self.model(record.model), _flag(record.stream)
         self.m.requests.inc(1, {"model": model, "status": str(record.status),
@@ -275,6 +292,7 @@ class RayIngressMetrics:
                 self.m.itl.observe(itl, {"model": model})
         self._billed(model, record)
 
+    @_never_raises
     def rejected(self, model: str, reason: str) -> None:
         model = self.model(model)
         status = REJECTION_STATUS.get(reason, 400)

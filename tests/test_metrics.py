@@ -182,3 +182,17 @@ def test_buckets_cover_llm_latencies() -> None:
 
 def test_the_real_instruments_are_built_once_per_process() -> None:
     assert m.ray_instruments() is m.ray_instruments()
+
+
+def test_a_failing_instrument_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(Recorder):
+        def inc(self, value: int | float, tags: dict[str, str]) -> None:
+            raise RuntimeError("metrics backend down")
+
+    inst = recorders()
+    object.__setattr__(inst, "requests", Broken())
+    mx = RayIngressMetrics([spec("org/a")], None, inst, refresh_s=None)
+    mx.finished(record())
+    mx.rejected("org/a", "rate_limit_exceeded")
+    assert "recording ingress metrics failed" in caplog.text
+    assert rec(inst, "rejections").get(model="org/a", reason="rate_limit_exceeded") == 1
