@@ -46,6 +46,11 @@ class _Tally:
     chunks: int = 0
     usage: dict[str, Any] | None = None
     outcome: Outcome = Outcome.disconnected
+    status: int = 200  # the HTTP status the client got
+
+    def failed(self, error: APIError) -> APIError:
+        self.outcome, self.status = Outcome.error, error.status_code
+        return error
 
     def mark_first_byte(self) -> None:
         if self.first_byte is None:
@@ -104,14 +109,13 @@ class ChatService:
             body["usage"] = self._priced(spec, tally.usage)
             tally.outcome = Outcome.ok
             return JSONResponse(body, headers=admission.headers)
-        except APIError:
-            tally.outcome = Outcome.error
-            raise
+        except APIError as e:
+            raise tally.failed(e) from None
         except Exception as e:
-            tally.outcome = Outcome.error
-            raise EngineError(f"The model '{spec.id}' failed: {type(e).__name__}") from e
+            raise tally.failed(EngineError(
+                f"The model '{spec.id}' failed: {type(e).__name__}")) from e
         finally:
-            await self._settle(req, spec, admission, tally, status=200)
+            await self._settle(req, spec, admission, tally)
 
     async def _stream(self, req: ChatCompletionRequest, spec: ModelSpec,
                       admission: Admission) -> EventSourceResponse:
@@ -120,13 +124,13 @@ class ChatService:
         try:
             first = await anext(items)
         except Exception as e:
-            tally.outcome = Outcome.error
-            await self._settle(req, spec, admission, tally, status=500)
-            raise EngineError(f"The model '{spec.id}' failed: {type(e).__name__}") from e
+            error = tally.failed(EngineError(f"The model '{spec.id}' failed: "
+                                             f"{type(e).__name__}"))
+            await self._settle(req, spec, admission, tally)
+            raise error from e
         if "error" in first:
-            tally.outcome = Outcome.error
-            error = _engine_error(first)
-            await self._settle(req, spec, admission, tally, status=error.status_code)
+            error = tally.failed(_engine_error(first))
+            await self._settle(req, spec, admission, tally)
             raise error
         return EventSourceResponse(self._events(req, spec, admission, items, tally),
                                    headers=admission.headers, ping=15, sep="\n")
@@ -160,7 +164,7 @@ class ChatService:
             yield DONE
         finally:
             with anyio.CancelScope(shield=True):  # settle even when the client left
-                await self._settle(req, spec, admission, tally, status=200)
+                await self._settle(req, spec, admission, tally)
 
     def _priced(self, spec: ModelSpec, usage: Mapping[str, Any] | None) -> dict[str, Any]:
         usage = dict(usage or {})
@@ -170,7 +174,7 @@ class ChatService:
                 "estimated_cost": spec.pricing.cost(prompt, completion)}
 
     async def _settle(self, req: ChatCompletionRequest, spec: ModelSpec, admission: Admission,
-                      tally: _Tally, status: int) -> None:
+                      tally: _Tally) -> None:
         if tally.usage is None and tally.outcome is Outcome.disconnected:
             # The engine never reported: charge the estimate and what was delivered.
             tally.usage = {"prompt_tokens": req.estimated_prompt_tokens(),
@@ -178,12 +182,12 @@ class ChatService:
         priced = self._priced(spec, tally.usage)
         usage = Usage(priced["prompt_tokens"], priced["completion_tokens"],
                       priced["estimated_cost"])
+        await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))
         self.metrics.ongoing(spec.id, -1)
         now = time.perf_counter()
         self.metrics.finished(RequestRecord(
-            model=spec.id, status=status, outcome=tally.outcome.value, stream=req.stream,
+            model=spec.id, status=tally.status, outcome=tally.outcome.value, stream=req.stream,
             e2e_s=now - tally.started,
             ttft_s=None if tally.first_byte is None else tally.first_byte - tally.started,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             estimated_cost=usage.estimated_cost))
-        await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))

@@ -30,9 +30,9 @@ from cluster.streaming import coalesce
 log = logging.getLogger(__name__)
 
 DONE_EVENT = "data: [DONE]\n\n"
-# vLLM 0.32 writes these two always-null fields into every chunk; the seeds' chunks have no
-# such fields. Removing the exact text is far cheaper than re-serialising every chunk.
-NULL_NOISE = ',"prompt_token_ids":null,"prompt_text":null'
+# vLLM 0.32 writes always-null internal fields into chunks; the seeds' chunks have no such
+# fields. Removing the exact text is far cheaper than re-serialising every chunk.
+NULL_NOISE = (',"prompt_token_ids":null,"prompt_text":null', ',"token_ids":null')
 
 
 class StreamBatch(TypedDict):
@@ -62,7 +62,9 @@ def _batch(events: list[str]) -> StreamBatch:
                 continue
         if event.startswith('data: {"error"'):
             failed = True
-        kept.append(event.replace(NULL_NOISE, ""))
+        for noise in NULL_NOISE:
+            event = event.replace(noise, "")
+        kept.append(event)
     return StreamBatch(data="".join(kept), chunks=len(kept), usage_chunk=usage_chunk,
                        failed=failed)
 

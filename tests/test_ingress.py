@@ -267,3 +267,24 @@ async def test_engine_gets_the_seed_defaults_spelled_out(client: httpx.AsyncClie
     assert sent["temperature"] == 1.0 and sent["top_p"] == 1.0 and sent["min_p"] == 0.0
     assert sent["repetition_penalty"] == 1.0 and sent["top_k"] == 5
     assert "seed" not in sent and "max_tokens" not in sent  # unset stays unset
+
+
+async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter,
+                                                            gate: RecordingGate) -> None:
+    from cluster.metrics import NullMetrics, RequestRecord
+
+    class Recorder(NullMetrics):
+        records: list[RequestRecord] = []
+
+        def finished(self, record: RequestRecord) -> None:
+            self.records.append(record)
+
+    metrics = Recorder()
+    service = ChatService([r.spec for r in router.replicas.values()], router, gate, metrics)
+    transport = httpx.ASGITransport(app=create_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json=chat(max_tokens=1000, stream=stream))
+            assert r.status_code == 400
+    assert [(m.status, m.outcome) for m in metrics.records] == [(400, "error")] * 2
+    assert [o for _, _, o in gate.settled] == [Outcome.error] * 2
