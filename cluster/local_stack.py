@@ -6,11 +6,15 @@ tests exercise exactly what a newcomer runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from cluster.catalog import ModelSpec
 from cluster.engine import CPU_ENV_DEFAULTS
@@ -54,6 +58,16 @@ class LocalStack:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def wait_healthy(self, timeout_s: float = 900) -> None:
+        """Block until ``/health`` says every model has a running replica."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"{self.base_url}/health not ready after {timeout_s:.0f} s")
 
     def start(self, progress: Progress = log.info) -> LocalStack:
         if self.redis_url is None:

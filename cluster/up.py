@@ -9,7 +9,6 @@ import threading
 import time
 from types import FrameType
 
-import httpx
 from rich.console import Console
 
 from cluster.catalog import ModelSpec, load_catalog
@@ -32,19 +31,6 @@ def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
             with console.status(f"Preparing {spec.id} (first run: download + convert, ~1 min)"):
                 path = ensure_builtin(spec.source.builtin, settings.cache_dir, progress=_step)
             _step(f"{spec.id} ready at {path}")
-
-
-def wait_ready(base_url: str, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    with console.status("Waiting for every model to have a running replica"):
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-    raise TimeoutError(f"{base_url}/health not ready after {timeout_s:.0f} s")
 
 
 def create_dev_key(redis_url: str) -> str:
@@ -94,7 +80,8 @@ def run_up(settings: Settings) -> None:
     try:
         stack.start(progress=_step)
         _install_signal_handlers(stop)  # after ray.init, which replaces SIGTERM's handler
-        wait_ready(stack.base_url)
+        with console.status("Waiting for every model to have a running replica"):
+            stack.wait_healthy()
         assert stack.redis_url is not None
         key = create_dev_key(stack.redis_url)
         console.rule(f"Ready in {time.monotonic() - started:.0f} s")

@@ -53,24 +53,10 @@ def stack(tiny_model: Path) -> Iterator[LocalStack]:
                             "CLUSTER_INGRESS_MAX_REPLICAS": "2"})
     try:
         stack.start(progress=print)
-        _wait_healthy(stack.base_url)
+        stack.wait_healthy(timeout_s=600)
         yield stack
     finally:
         stack.stop()
-
-
-def _wait_healthy(base_url: str, timeout_s: float = 600) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the stack did not become healthy")
 
 
 SESSION_KEY = "sk-integration-session-key"
