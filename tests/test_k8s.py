@@ -14,12 +14,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cluster import k8s
 from cluster.catalog import load_catalog
+from cluster.k8s.cli import k8s_app
+from cluster.k8s.generate import GENERATED_FILE, OVERLAYS, drift, serve_config_patch
+from cluster.k8s.problems import K8sError
+from cluster.k8s.render import K8S_DIR, render
+from cluster.k8s.resources import actor_needs, group_resources, quantity
+from cluster.k8s.schema import DEFAULT_CRDS, drop_nulls, openapi_to_jsonschema
+from cluster.k8s.secret_files import secret_sources
+from cluster.k8s.validate import validate_docs, validate_target
 from cluster.settings import REPO_ROOT, Profile
 
 BAD = Path(__file__).parent / "fixtures" / "k8s_bad"
-CRDS = (Path(os.environ.get("CLUSTER_K8S_CRDS", k8s.DEFAULT_CRDS)),)
+CRDS = (Path(os.environ.get("CLUSTER_K8S_CRDS", DEFAULT_CRDS)),)
 runner = CliRunner()
 
 
@@ -39,7 +46,7 @@ def tools() -> None:
 
 @pytest.fixture(scope="module")
 def rendered(tools: None) -> dict[str, list[dict[str, Any]]]:
-    return {name: k8s.render(k8s.K8S_DIR / "overlays" / name) for name in k8s.OVERLAYS}
+    return {name: render(K8S_DIR / "overlays" / name) for name in OVERLAYS}
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -55,19 +62,19 @@ def _serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 # --- the committed overlays ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", sorted(k8s.OVERLAYS))
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_overlay_passes_full_validation(overlay: str, rendered: dict[str, list[dict[str, Any]]]
                                         ) -> None:
     docs = rendered[overlay]
     assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Secret", "RayService",
                                         "PodMonitor", "StatefulSet", "Service", "NetworkPolicy"}
-    assert k8s.validate_docs(docs, overlay, CRDS) == []
+    assert validate_docs(docs, overlay, CRDS) == []
 
 
-@pytest.mark.parametrize("overlay", sorted(k8s.OVERLAYS))
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_overlay_serves_its_profile_from_the_catalog(
         overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
-    profile = k8s.OVERLAYS[overlay].profile
+    profile = OVERLAYS[overlay].profile
     config = _serve_config(rendered[overlay])
     [app] = config["applications"]
     assert app["import_path"] == "cluster.app:build_app"
@@ -118,25 +125,25 @@ def test_cpu_demo_has_no_gpu(rendered: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def test_placeholder_secrets_never_land_in_the_repo(tools: None) -> None:
-    overlay = k8s.K8S_DIR / "overlays" / "cpu-demo"
+    overlay = K8S_DIR / "overlays" / "cpu-demo"
     before = sorted(p.name for p in (overlay / "secrets").iterdir())
-    docs = k8s.render(overlay)
+    docs = render(overlay)
     assert sorted(p.name for p in (overlay / "secrets").iterdir()) == before
     secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "llm-app")
     assert set(secret["data"]) == {"CLUSTER_ADMIN_KEY", "HF_TOKEN"}
-    missing = [p for p in k8s.secret_sources(overlay) if not p.exists()]
+    missing = [p for p in secret_sources(overlay) if not p.exists()]
     if missing:  # no real secret files here: refusing placeholders must fail, not render
-        with pytest.raises(k8s.K8sError, match="missing secret files"):
-            k8s.render(overlay, placeholder_secrets=False)
+        with pytest.raises(K8sError, match="missing secret files"):
+            render(overlay, placeholder_secrets=False)
 
 
 # --- generation and drift -----------------------------------------------------------------
 
 
 def test_generated_files_match_the_catalog() -> None:
-    result = runner.invoke(k8s.k8s_app, ["generate", "--check"])
+    result = runner.invoke(k8s_app, ["generate", "--check"])
     assert result.exit_code == 0, result.output
-    assert k8s.drift(REPO_ROOT / "deployments", k8s.K8S_DIR) == []
+    assert drift(REPO_ROOT / "deployments", K8S_DIR) == []
 
 
 def test_generate_check_fails_with_a_diff_on_catalog_change(tmp_path: Path) -> None:
@@ -144,8 +151,8 @@ def test_generate_check_fails_with_a_diff_on_catalog_change(tmp_path: Path) -> N
     shutil.copytree(REPO_ROOT / "deployments", deployments)
     path = deployments / "wizardlm-2-8x22b.yaml"
     path.write_text(path.read_text().replace("max_replicas: 2", "max_replicas: 3"))
-    result = runner.invoke(k8s.k8s_app, ["generate", "--check",
-                                         "--deployments-dir", str(deployments)])
+    result = runner.invoke(k8s_app, ["generate", "--check",
+                                     "--deployments-dir", str(deployments)])
     assert result.exit_code == 1
     assert "overlays/gpu/serve-config.yaml" in result.output
     added = [line for line in result.output.splitlines()
@@ -157,27 +164,27 @@ def test_generate_check_fails_with_a_diff_on_catalog_change(tmp_path: Path) -> N
 
 def test_generate_writes_only_changed_files(tmp_path: Path) -> None:
     k8s_dir = tmp_path / "k8s"
-    for overlay in k8s.OVERLAYS:
+    for overlay in OVERLAYS:
         (k8s_dir / "overlays" / overlay).mkdir(parents=True)
     args = ["generate", "--k8s-dir", str(k8s_dir)]
-    first = runner.invoke(k8s.k8s_app, args)
+    first = runner.invoke(k8s_app, args)
     assert first.exit_code == 0 and first.output.count("wrote ") == 2
-    committed = k8s.K8S_DIR / "overlays" / "gpu" / k8s.GENERATED_FILE
-    assert (k8s_dir / "overlays" / "gpu" / k8s.GENERATED_FILE).read_text() == \
+    committed = K8S_DIR / "overlays" / "gpu" / GENERATED_FILE
+    assert (k8s_dir / "overlays" / "gpu" / GENERATED_FILE).read_text() == \
         committed.read_text()
-    assert "already match" in runner.invoke(k8s.k8s_app, args).output
+    assert "already match" in runner.invoke(k8s_app, args).output
 
 
 def test_generated_config_ignores_the_callers_environment(monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     monkeypatch.setenv("CLUSTER_INGRESS_MAX_REPLICAS", "99")
-    assert k8s.drift(REPO_ROOT / "deployments", k8s.K8S_DIR) == []
+    assert drift(REPO_ROOT / "deployments", K8S_DIR) == []
 
 
 def test_generated_models_round_trip_to_the_catalog() -> None:
     from cluster.catalog import ModelSpec
 
-    text = k8s.serve_config_patch(k8s.OVERLAYS["gpu"], REPO_ROOT / "deployments")
+    text = serve_config_patch(OVERLAYS["gpu"], REPO_ROOT / "deployments")
     config = yaml.safe_load(yaml.safe_load(text)["spec"]["serveConfigV2"])
     specs = [ModelSpec.model_validate(m) for m in config["applications"][0]["args"]["models"]]
     assert specs == load_catalog(REPO_ROOT / "deployments", Profile.gpu)
@@ -199,7 +206,7 @@ def test_generated_models_round_trip_to_the_catalog() -> None:
 ])
 def test_bad_manifest_is_rejected_for_the_right_reason(tools: None, fixture: str, check: str,
                                                        says: str) -> None:
-    count, problems = k8s.validate_target(BAD / fixture, CRDS)
+    count, problems = validate_target(BAD / fixture, CRDS)
     assert count == 1
     assert [p.check for p in problems] == [check], [str(p) for p in problems]
     assert says in problems[0].message
@@ -207,10 +214,10 @@ def test_bad_manifest_is_rejected_for_the_right_reason(tools: None, fixture: str
 
 def test_validate_cli_exit_codes(tools: None) -> None:
     crds = ["--crds", str(CRDS[0])]
-    bad = runner.invoke(k8s.k8s_app, ["validate", str(BAD / "bad-import-path.yaml"), *crds])
+    bad = runner.invoke(k8s_app, ["validate", str(BAD / "bad-import-path.yaml"), *crds])
     assert bad.exit_code == 1
     assert "[import-path]" in bad.output
-    missing = runner.invoke(k8s.k8s_app, ["validate", "no-such-overlay", *crds])
+    missing = runner.invoke(k8s_app, ["validate", "no-such-overlay", *crds])
     assert missing.exit_code == 2
 
 
@@ -218,7 +225,7 @@ def test_validate_cli_exit_codes(tools: None) -> None:
 
 
 def test_crd_schema_conversion_follows_the_api_server() -> None:
-    schema = k8s.openapi_to_jsonschema({
+    schema = openapi_to_jsonschema({
         "type": "object",
         "required": ["name", "replicas"],
         "properties": {
@@ -238,29 +245,29 @@ def test_crd_schema_conversion_follows_the_api_server() -> None:
     assert not check.is_valid({"replicas": 2})  # name is required
     assert not check.is_valid({"name": "x", "unknown": 1})
     assert not check.is_valid({"name": "x", "cpu": 0.5})
-    assert k8s.drop_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
+    assert drop_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
 
 
 def test_quantities_and_group_resources() -> None:
-    assert k8s.quantity("500m") == 0.5
-    assert k8s.quantity("200Gi") == 200 * 2**30
-    assert k8s.quantity(4) == 4
+    assert quantity("500m") == 0.5
+    assert quantity("200Gi") == 200 * 2**30
+    assert quantity(4) == 4
     group = {"rayStartParams": {"num-cpus": "6", "resources": '"{\\"disk\\": 2}"'},
              "template": {"spec": {"containers": [{"resources": {
                  "limits": {"cpu": "8", "memory": "16Gi", "nvidia.com/gpu": "1"}}}]}}}
-    assert k8s.group_resources(group) == {"CPU": 6, "GPU": 1, "memory": 16 * 2**30, "disk": 2}
-    needs = k8s.actor_needs({"num_cpus": 2, "num_gpus": 1, "accelerator_type": "L4"})
+    assert group_resources(group) == {"CPU": 6, "GPU": 1, "memory": 16 * 2**30, "disk": 2}
+    needs = actor_needs({"num_cpus": 2, "num_gpus": 1, "accelerator_type": "L4"})
     assert needs == {"CPU": 2, "GPU": 1, "accelerator_type:L4": 0.001}
 
 
 def test_secrets_command_creates_missing_files_only(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     k8s_dir = tmp_path / "k8s"
-    shutil.copytree(k8s.K8S_DIR / "overlays" / "gpu", k8s_dir / "overlays" / "gpu",
+    shutil.copytree(K8S_DIR / "overlays" / "gpu", k8s_dir / "overlays" / "gpu",
                     ignore=shutil.ignore_patterns("*.env"))
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     args = ["secrets", "gpu", "--k8s-dir", str(k8s_dir)]
-    assert runner.invoke(k8s.k8s_app, args).exit_code == 0
+    assert runner.invoke(k8s_app, args).exit_code == 0
     secrets_dir = k8s_dir / "overlays" / "gpu" / "secrets"
     app = dict(line.split("=", 1) for line in (secrets_dir / "app.env").read_text().split())
     redis = dict(line.split("=", 1) for line in (secrets_dir / "redis.env").read_text().split())
@@ -268,5 +275,5 @@ def test_secrets_command_creates_missing_files_only(tmp_path: Path,
     assert redis["CLUSTER_REDIS_URL"] == f"redis://:{redis['REDIS_PASSWORD']}@llm-redis:6379/0"
     assert stat.S_IMODE((secrets_dir / "app.env").stat().st_mode) == 0o600
     before = (secrets_dir / "app.env").read_text()
-    again = runner.invoke(k8s.k8s_app, args)
+    again = runner.invoke(k8s_app, args)
     assert "kept" in again.output and (secrets_dir / "app.env").read_text() == before
