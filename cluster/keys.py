@@ -17,6 +17,7 @@ and the limits: ``rpm, tpm, max_concurrent`` (absent: the settings defaults; 0: 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -211,3 +212,16 @@ class KeyStore:
                 raise ValueError("give at least one model, or all_models")
             mapping["models"] = encoded
         return await self._set(key_id, mapping, drop)
+
+
+def create_key_now(redis_url: str, name: str, limits: KeyLimits | None = None,
+                   models: Iterable[str] | None = None, secret: str | None = None) -> CreatedKey:
+    """Create a key from synchronous code (``cluster up``, test fixtures)."""
+    async def create() -> CreatedKey:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return await KeyStore(client).create(name, limits, models, secret)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(create())

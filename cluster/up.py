@@ -3,7 +3,6 @@ everything cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import time
@@ -35,18 +34,9 @@ def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
 
 def create_dev_key(redis_url: str) -> str:
     """A fresh key for this session, so the snippet below works as printed."""
-    from redis.asyncio import Redis
+    from cluster.keys import create_key_now
 
-    from cluster.keys import KeyStore
-
-    async def create() -> str:
-        client = Redis.from_url(redis_url, decode_responses=True)
-        try:
-            return (await KeyStore(client).create(name="local-dev")).secret
-        finally:
-            await client.aclose()
-
-    return asyncio.run(create())
+    return create_key_now(redis_url, "local-dev").secret
 
 
 def snippet(base_url: str, key: str, model: str) -> str:

@@ -6,7 +6,6 @@ and the real SmolLM2-135M-Instruct made from the PyPI wheel (answers questions).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,20 +64,10 @@ SESSION_KEY = "sk-integration-session-key"
 def create_key(stack: LocalStack, name: str, secret: str | None = None,
                models: list[str] | None = None, **limits: int) -> str:
     """A key in the stack's Redis (the secret is returned; Redis keeps only its hash)."""
-    from redis.asyncio import Redis
+    from cluster.keys import KeyLimits, create_key_now
 
-    from cluster.keys import KeyLimits, KeyStore
-
-    async def create() -> str:
-        client = Redis.from_url(stack.redis_url or "", decode_responses=True)
-        try:
-            made = await KeyStore(client).create(name=name, limits=KeyLimits(**limits),
-                                                 models=models, secret=secret)
-            return made.secret
-        finally:
-            await client.aclose()
-
-    return asyncio.run(create())
+    assert stack.redis_url is not None
+    return create_key_now(stack.redis_url, name, KeyLimits(**limits), models, secret).secret
 
 
 @pytest.fixture(scope="session")
