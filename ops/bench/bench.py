@@ -469,11 +469,12 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def vllm_command(model_dir: str, served_name: str, port: int) -> list[str]:
+def vllm_command(model_dir: str, served_name: str, port: int,
+                 max_model_len: int = 2048) -> list[str]:
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_dir, "--served-model-name", served_name,
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
         "--port", str(port), "--host", "127.0.0.1",
     ]
 
@@ -497,16 +498,20 @@ class SpawnedServer:
             self.proc.wait(timeout=10)
 
 
-def start_vllm(model_dir: str, served_name: str, port: int, out_dir: Path) -> SpawnedServer:
+def start_vllm(model_dir: str, served_name: str, port: int, out_dir: Path,
+               max_model_len: int = 2048) -> SpawnedServer:
     if port_in_use(port):
         # Never benchmark (or later stop) a server someone else started.
         raise RuntimeError(f"port {port} is already in use")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # default asks for 92% of a NUMA node
+    # the engine in-process, as the stack's CPU replicas run it (cluster/engine.py)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     log_path = out_dir / f"vllm-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(vllm_command(model_dir, served_name, port), env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(vllm_command(model_dir, served_name, port, max_model_len),
+                                env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return SpawnedServer(proc, log_path)
 
 
@@ -670,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start vLLM's own OpenAI server on MODEL_DIR (port 8100 by default), "
                         "benchmark it as target 'vllm' after the others, then stop it")
     p.add_argument("--spawn-timeout", type=float, default=300.0, metavar="S")
+    p.add_argument("--spawn-max-model-len", type=int, default=2048, metavar="N",
+                   help="the spawned server's context (match the deployment file's)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow non-loopback targets (refused by default)")
     p.add_argument("--smoke", action="store_true",
@@ -732,7 +739,7 @@ def run_spawned_vllm(args: argparse.Namespace, prompts: list[dict[str, Any]], pr
                     resolve_key(dict(args.key)["vllm"]) if "vllm" in dict(args.key) else None)
     console.print(f"starting vLLM on {model_dir} as {served!r}, port {port}")
     try:
-        server = start_vllm(model_dir, served, port, args.out)
+        server = start_vllm(model_dir, served, port, args.out, args.spawn_max_model_len)
     except RuntimeError as exc:
         console.print(f"[red]vllm: {exc}[/red]")
         stats["vllm"] = []

@@ -20,7 +20,8 @@ def test_bench_smoke_side_by_side(stack: LocalStack, api_key: str, tiny_model: P
     run = subprocess.run(
         [sys.executable, str(REPO_ROOT / "ops" / "bench" / "bench.py"), "--smoke",
          "--target", f"cluster={stack.base_url}/v1", "--key", "cluster=env:BENCH_KEY",
-         "--model", TINY_A, "--spawn-vllm", f"{tiny_model}:{free_port()}", "--out", str(out)],
+         "--model", TINY_A, "--spawn-vllm", f"{tiny_model}:{free_port()}",
+         "--spawn-max-model-len", "1024", "--out", str(out)],
         env=os.environ | {"BENCH_KEY": api_key}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     [result] = list(out.glob("bench-*.json"))
