@@ -25,6 +25,7 @@ from cluster.protocol import ChatCompletionRequest
 from cluster.streaming import coalesce
 
 DONE = b"data: [DONE]\n\n"
+COMPACT = (",", ":")  # the engine's chunks are compact JSON: so is ours
 
 
 class ModelRouter(Protocol):
@@ -150,7 +151,7 @@ class ChatService:
                         tally.usage = usage_chunk["usage"]
                     if usage_chunk and req.wants_usage_chunk:
                         usage_chunk["usage"] = self._priced(spec, usage_chunk["usage"])
-                        data += f"data: {json.dumps(usage_chunk)}\n\n"
+                        data += f"data: {json.dumps(usage_chunk, separators=COMPACT)}\n\n"
                 if data:
                     tally.mark_first_byte()
                     yield data.encode()
