@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, FastAPI, Header
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -22,7 +24,7 @@ from sse_starlette import EventSourceResponse
 from cluster.admission import Gate, OpenGate
 from cluster.catalog import ModelSpec
 from cluster.completions import ChatService
-from cluster.errors import install_error_handlers
+from cluster.errors import install_error_handlers, validation_error
 from cluster.metrics import RayIngressMetrics
 from cluster.protocol import ChatCompletionRequest, ModelCard, ModelList
 from cluster.settings import Settings, get_settings
@@ -68,6 +70,18 @@ def openai_router(service: ChatService) -> APIRouter:
 def create_app(service: ChatService, extra_routers: list[APIRouter] | None = None) -> FastAPI:
     app = FastAPI(title="cluster: OpenAI-compatible LLM API", version="0.1.0")
     install_error_handlers(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A 400 still counts against the key and user, for abuse monitoring."""
+        error = validation_error(exc)
+        body = await request.body()
+        user = _user_field(body)
+        await service.gate.record_rejection(
+            api_key=bearer_key(request.headers.get("authorization")), user=user,
+            model="", reason="400")
+        service.metrics.rejected("", "invalid_request")
+        return error.response()
     router = openai_router(service)
     app.include_router(router, prefix="/v1/openai")
     app.include_router(router, prefix="/v1")
@@ -83,6 +97,14 @@ def create_app(service: ChatService, extra_routers: list[APIRouter] | None = Non
                             status_code=200 if ok else 503)
 
     return app
+
+
+def _user_field(body: bytes) -> str | None:
+    """The ``user`` of a request that failed validation, if it can be read at all."""
+    with contextlib.suppress(ValueError):
+        user = json.loads(body).get("user")
+        return user if isinstance(user, str) else None
+    return None
 
 
 class HandleRouter:

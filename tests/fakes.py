@@ -121,6 +121,11 @@ class RecordingGate(OpenGate):
 
     def __init__(self) -> None:
         self.settled: list[tuple[Admission, Usage, Outcome]] = []
+        self.rejections: list[tuple[str | None, str | None, str]] = []
+
+    async def record_rejection(self, *, api_key: str | None, user: str | None,
+                               model: str, reason: str) -> None:
+        self.rejections.append((api_key, user, reason))
 
     async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
                     reserve_tokens: int) -> Admission:

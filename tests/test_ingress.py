@@ -288,3 +288,16 @@ async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter
             assert r.status_code == 400
     assert [(m.status, m.outcome) for m in metrics.records] == [(400, "error")] * 2
     assert [o for _, _, o in gate.settled] == [Outcome.error] * 2
+
+
+async def test_a_400_counts_against_the_key_and_user(client: httpx.AsyncClient,
+                                                    gate: RecordingGate) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(temperature=9, user="eve"),
+                          headers={"Authorization": "Bearer sk-abc"})
+    assert r.status_code == 400
+    r = await client.post("/v1/chat/completions", content=b"{oops",
+                          headers={"Authorization": "Bearer sk-abc",
+                                   "content-type": "application/json"})
+    assert r.status_code == 400
+    assert gate.rejections == [("sk-abc", "eve", "400"), ("sk-abc", None, "400")]
+    assert gate.settled == []  # refused before admission: nothing to settle
