@@ -9,20 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from cluster.admission import Admission, Gate, Outcome, Usage
 from cluster.catalog import ModelSpec
 from cluster.errors import APIError, EngineError, ModelNotFound, from_error_body
 from cluster.metrics import IngressMetrics, NullMetrics, RequestRecord
 from cluster.protocol import ChatCompletionRequest
-from cluster.streaming import coalesce
+from cluster.streaming import close, coalesce
 
 DONE = b"data: [DONE]\n\n"
 COMPACT = (",", ":")  # the engine's chunks are compact JSON: so is ours
@@ -48,6 +49,7 @@ class _Tally:
     usage: dict[str, Any] | None = None
     outcome: Outcome = Outcome.disconnected
     status: int = 200  # the HTTP status the client got
+    settled: bool = False
 
     def failed(self, error: APIError) -> APIError:
         self.outcome, self.status = Outcome.error, error.status_code
@@ -60,6 +62,27 @@ class _Tally:
 
 def _engine_error(item: Mapping[str, Any]) -> APIError:
     return from_error_body({"error": item["error"]}, int(item.get("status", 400)))
+
+
+class _SettlingEventSource(EventSourceResponse):
+    """An SSE response that runs ``on_close`` however it ends.
+
+    sse-starlette never starts the body when the client leaves before the response headers
+    are sent; an unstarted generator's ``finally`` never runs, so the body cannot be the
+    only place a stream is settled (its slot and reservation would leak).
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.on_close()
 
 
 class ChatService:
@@ -133,26 +156,24 @@ class ChatService:
             error = tally.failed(_engine_error(first))
             await self._settle(req, spec, admission, tally)
             raise error
-        return EventSourceResponse(self._events(req, spec, admission, items, tally),
-                                   headers=admission.headers, ping=15, sep="\n")
+
+        async def unstarted() -> None:  # a no-op when the body ran: it settled itself
+            if not tally.settled:
+                await close(items)  # cancels the generation in the replica
+                await self._settle(req, spec, admission, tally)
+
+        return _SettlingEventSource(self._events(req, spec, admission, items, tally), unstarted,
+                                    headers=admission.headers, ping=15, sep="\n")
 
     async def _events(self, req: ChatCompletionRequest, spec: ModelSpec, admission: Admission,
                       items: AsyncIterator[dict[str, Any]], tally: _Tally,
                       ) -> AsyncIterator[bytes]:
         failed = False
+        coalesced = coalesce(items)
         try:
-            async for batches in coalesce(items):
-                data = "".join(b["data"] for b in batches)
-                for b in batches:
-                    tally.chunks += b["chunks"]
-                    failed = failed or b["failed"]
-                    usage_chunk = b["usage_chunk"]
-                    if usage_chunk:
-                        tally.usage = usage_chunk["usage"]
-                    if usage_chunk and req.wants_usage_chunk:
-                        usage_chunk["usage"] = self._priced(spec, usage_chunk["usage"])
-                        data += f"data: {json.dumps(usage_chunk, separators=COMPACT)}\n\n"
-                if data:
+            async for batches in coalesced:
+                failed = failed or any(b["failed"] for b in batches)
+                if data := self._frame(req, spec, batches, tally):
                     tally.mark_first_byte()
                     yield data.encode()
             yield DONE
@@ -165,7 +186,23 @@ class ChatService:
             yield DONE
         finally:
             with anyio.CancelScope(shield=True):  # settle even when the client left
+                await close(coalesced)  # a client that left cancels the replica's stream
+                await close(items)
                 await self._settle(req, spec, admission, tally)
+
+    def _frame(self, req: ChatCompletionRequest, spec: ModelSpec,
+               batches: list[dict[str, Any]], tally: _Tally) -> str:
+        """The SSE text of some replica batches, counted, with the usage chunk priced."""
+        data = "".join(b["data"] for b in batches)
+        for b in batches:
+            tally.chunks += b["chunks"]
+            usage_chunk = b["usage_chunk"]
+            if usage_chunk:
+                tally.usage = usage_chunk["usage"]
+            if usage_chunk and req.wants_usage_chunk:
+                usage_chunk["usage"] = self._priced(spec, usage_chunk["usage"])
+                data += f"data: {json.dumps(usage_chunk, separators=COMPACT)}\n\n"
+        return data
 
     def _priced(self, spec: ModelSpec, usage: Mapping[str, Any] | None) -> dict[str, Any]:
         usage = dict(usage or {})
@@ -176,6 +213,9 @@ class ChatService:
 
     async def _settle(self, req: ChatCompletionRequest, spec: ModelSpec, admission: Admission,
                       tally: _Tally) -> None:
+        if tally.settled:
+            return
+        tally.settled = True
         if tally.usage is None and tally.outcome is Outcome.disconnected:
             # The engine never reported: charge the estimate and what was delivered.
             tally.usage = {"prompt_tokens": req.estimated_prompt_tokens(),
@@ -183,7 +223,13 @@ class ChatService:
         priced = self._priced(spec, tally.usage)
         usage = Usage(priced["prompt_tokens"], priced["completion_tokens"],
                       priced["estimated_cost"])
-        await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))
+        try:
+            await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))
+        finally:  # even when cancelled while waiting for the shielded settlement
+            self._record(req, spec, tally, usage)
+
+    def _record(self, req: ChatCompletionRequest, spec: ModelSpec, tally: _Tally,
+                usage: Usage) -> None:
         self.metrics.ongoing(spec.id, -1)
         now = time.perf_counter()
         self.metrics.finished(RequestRecord(

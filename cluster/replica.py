@@ -25,7 +25,7 @@ from ray import serve
 from cluster.catalog import ModelSpec
 from cluster.engine import ChatEngine, EngineRequestError, VLLMChatEngine
 from cluster.settings import get_settings
-from cluster.streaming import coalesce
+from cluster.streaming import close, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,18 @@ class ReplicaCore:
             yield error_item(e)
             return
         assert not isinstance(events, dict)
-        yield {"ok": True}
         self.active_streams += 1
+        batches = coalesce(events, min_interval=self._message_interval)
         try:
-            async for batch in coalesce(events, min_interval=self._message_interval):
+            yield {"ok": True}
+            async for batch in batches:
                 out = _batch(batch)
                 if out["chunks"] or out["usage_chunk"]:
                     yield dict(out)
-        finally:
+        finally:  # a consumer that left cancels the engine's request now
             self.active_streams -= 1
+            await close(batches)
+            await close(events)  # in case the batches never started
 
 
 def resolve_model_path(spec: ModelSpec) -> str:

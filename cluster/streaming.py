@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -38,6 +38,14 @@ async def _pump(source: AsyncIterator[T], queue: asyncio.Queue[object]) -> None:
         queue.put_nowait(_Failure(e))
     finally:
         queue.put_nowait(_END)
+
+
+async def close(stream: AsyncIterator[Any]) -> None:
+    """Close an async generator now rather than at garbage collection: closing the streams
+    here cancels the generation behind them. A no-op on one already finished."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _no_wait() -> float:
@@ -80,7 +88,5 @@ async def coalesce(source: AsyncIterator[T], max_batch: int = 512,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        with contextlib.suppress(Exception):
+            await close(source)

@@ -15,6 +15,7 @@ from cluster.admission import Admission, OpenGate, Outcome, Usage
 from cluster.catalog import ModelSpec
 from cluster.engine import ChatResult, EngineRequestError
 from cluster.replica import ReplicaCore
+from cluster.streaming import close
 
 
 class FakeEngine:
@@ -109,8 +110,12 @@ class LocalRouter:
         return await self.replicas[model].chat(payload)
 
     async def stream(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.replicas[model].stream(payload):
-            yield item
+        items = self.replicas[model].stream(payload)
+        try:
+            async for item in items:
+                yield item
+        finally:  # closed now, as a Serve handle's stream is cancelled
+            await close(items)
 
     async def ready(self, model: str) -> bool:
         return model in self.replicas

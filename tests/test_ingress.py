@@ -301,3 +301,37 @@ async def test_a_400_counts_against_the_key_and_user(client: httpx.AsyncClient,
     assert r.status_code == 400
     assert gate.rejections == [("sk-abc", "eve", "400"), ("sk-abc", None, "400")]
     assert gate.settled == []  # refused before admission: nothing to settle
+
+
+async def test_a_stream_left_before_its_headers_still_settles(router: LocalRouter,
+                                                              gate: RecordingGate) -> None:
+    """sse-starlette never starts the body if the client leaves before the headers go out."""
+    import asyncio
+
+    from cluster.metrics import NullMetrics
+    from cluster.protocol import ChatCompletionRequest
+
+    class Ongoing(NullMetrics):
+        count = 0
+
+        def ongoing(self, model: str, delta: int) -> None:
+            self.count += delta
+
+    metrics = Ongoing()
+    router.engine(MODEL).delay_s = 0.05
+    service = ChatService([r.spec for r in router.replicas.values()], router, gate, metrics)
+    response = await service.create(
+        ChatCompletionRequest.model_validate(chat(stream=True)), None)
+    assert metrics.count == 1
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(5)  # the headers never leave: the client is already gone
+
+    scope = {"type": "http", "method": "POST", "headers": []}
+    await asyncio.wait_for(response(scope, receive, send), 2)  # type: ignore[arg-type]
+    assert [o for _, _, o in gate.settled] == [Outcome.disconnected]
+    assert metrics.count == 0
+    assert router.replicas[MODEL].active_streams == 0  # the replica's stream was closed
