@@ -108,6 +108,11 @@ class ModelSpec(_Strict):
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
     max_ongoing_requests: int = Field(64, ge=1)
+    # Extra replicas (% of the target, rounded up) Serve may start during a rolling restart
+    # of this model: > 0 starts each replacement before stopping the old replica, so a
+    # one-replica model stays up while the new one loads, if a GPU is spare or the
+    # autoscaler can add one (meanwhile the old replica serves). 0 stops first.
+    max_surge_percent: int = Field(0, ge=0, le=100)
     streaming: Streaming = Streaming()
     # Reserved for rate limiting when a request gives no max_tokens.
     default_max_tokens: int = Field(512, ge=1)

@@ -34,7 +34,8 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
     }
     if auto.initial_replicas is not None:
         autoscaling["initial_replicas"] = auto.initial_replicas
-    return {
+    surge = {"max_surge_percent": spec.max_surge_percent} if spec.max_surge_percent else {}
+    return surge | {
         "name": spec.deployment_name,
         "ray_actor_options": actor,
         "autoscaling_config": autoscaling,
