@@ -108,6 +108,10 @@ class ModelSpec(_Strict):
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
     max_ongoing_requests: int = Field(64, ge=1)
+    # Requests each ingress replica may queue for this model when every replica is at
+    # max_ongoing_requests; beyond it, a 503 with Retry-After. -1: no bound (they wait, and
+    # the autoscaler sees them).
+    max_queued_requests: int = Field(-1, ge=-1)
     # Extra replicas (% of the target, rounded up) Serve may start during a rolling restart
     # of this model: > 0 starts each replacement before stopping the old replica, so a
     # one-replica model stays up while the new one loads, if a GPU is spare or the

@@ -148,8 +148,8 @@ class ChatService:
         try:
             first = await anext(items)
         except Exception as e:
-            error = tally.failed(EngineError(f"The model '{spec.id}' failed: "
-                                             f"{type(e).__name__}"))
+            error = tally.failed(e if isinstance(e, APIError) else EngineError(
+                f"The model '{spec.id}' failed: {type(e).__name__}"))
             await self._settle(req, spec, admission, tally)
             raise error from e
         if "error" in first:

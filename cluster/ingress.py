@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, FastAPI, Header, Request
@@ -24,7 +25,7 @@ from sse_starlette import EventSourceResponse
 from cluster.admission import Gate, OpenGate
 from cluster.catalog import ModelSpec
 from cluster.completions import ChatService
-from cluster.errors import install_error_handlers, validation_error
+from cluster.errors import ServiceUnavailable, install_error_handlers, validation_error
 from cluster.metrics import RayIngressMetrics
 from cluster.protocol import ChatCompletionRequest, ModelCard, ModelList
 from cluster.settings import Settings, get_settings
@@ -107,6 +108,32 @@ def _user_field(body: bytes) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def serve_refusals(model: str) -> Iterator[None]:
+    """Serve's refusals as 503s with ``Retry-After``, which clients (the openai SDK among
+    them) retry: the model's queue at this ingress is full (``max_queued_requests``), or the
+    replica chosen died or its deployment has none."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+
+    try:
+        yield
+    except BackPressureError as e:
+        retry = str(math.ceil(e.retry_after_s or 1))
+        raise ServiceUnavailable(f"The model '{model}' is at capacity; retry shortly.",
+                                 code="model_overloaded", headers={"Retry-After": retry}
+                                 ) from e
+    except (ReplicaUnavailableError, DeploymentUnavailableError, ActorDiedError,
+            ActorUnavailableError) as e:
+        raise ServiceUnavailable(f"No replica of the model '{model}' could take the request; "
+                                 "retry shortly.", code="model_unavailable",
+                                 headers={"Retry-After": "1"}) from e
+
+
 class HandleRouter:
     """Routes to model deployments through Serve handles."""
 
@@ -115,7 +142,8 @@ class HandleRouter:
         self.ready_timeout_s = ready_timeout_s
 
     async def chat(self, model: str, payload: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self.handles[model].chat.remote(payload)
+        with serve_refusals(model):
+            result: dict[str, Any] = await self.handles[model].chat.remote(payload)
         return result
 
     async def stream(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -123,8 +151,9 @@ class HandleRouter:
                    self.handles[model].options(stream=True).stream.remote(payload))
         finished = False
         try:
-            async for item in gen:
-                yield item
+            with serve_refusals(model):
+                async for item in gen:
+                    yield item
             finished = True
         finally:
             if not finished:  # the client left: stop the replica, which aborts in vLLM

@@ -34,8 +34,13 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
     }
     if auto.initial_replicas is not None:
         autoscaling["initial_replicas"] = auto.initial_replicas
-    surge = {"max_surge_percent": spec.max_surge_percent} if spec.max_surge_percent else {}
-    return surge | {
+    # Left out at Serve's defaults, so the generated configs say only what was chosen.
+    extra: dict[str, Any] = {}
+    if spec.max_surge_percent:
+        extra["max_surge_percent"] = spec.max_surge_percent
+    if spec.max_queued_requests != -1:
+        extra["max_queued_requests"] = spec.max_queued_requests
+    return extra | {
         "name": spec.deployment_name,
         "ray_actor_options": actor,
         "autoscaling_config": autoscaling,

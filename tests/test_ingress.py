@@ -335,3 +335,70 @@ async def test_a_stream_left_before_its_headers_still_settles(router: LocalRoute
     assert [o for _, _, o in gate.settled] == [Outcome.disconnected]
     assert metrics.count == 0
     assert router.replicas[MODEL].active_streams == 0  # the replica's stream was closed
+
+
+class RefusingHandle:
+    """A Serve handle whose every call fails as Serve's router would fail it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+        self.chat = self.stream = self
+
+    def options(self, **_: Any) -> RefusingHandle:
+        return self
+
+    def remote(self, payload: dict[str, Any]) -> RefusingHandle:
+        self.calls += 1
+        return self
+
+    def __await__(self) -> Any:
+        raise self.error
+        yield  # a generator, hence awaitable
+
+    def __aiter__(self) -> RefusingHandle:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        raise self.error
+
+    def cancel(self) -> None:
+        return None
+
+
+def refusing_app(error: Exception, gate: RecordingGate) -> tuple[Any, RefusingHandle]:
+    from cluster.ingress import HandleRouter
+
+    handle = RefusingHandle(error)
+    router = HandleRouter({MODEL: handle})  # type: ignore[dict-item]
+    return create_app(ChatService([spec(MODEL, 1.0, 1.0)], router, gate)), handle
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_full_model_queue_is_a_503_with_retry_after(gate: RecordingGate,
+                                                            stream: bool) -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    app, _ = refusing_app(BackPressureError(num_queued_requests=8, max_queued_requests=8,
+                                            retry_after_s=2.5), gate)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+    assert r.json()["error"]["code"] == "model_overloaded"
+    assert [o for _, _, o in gate.settled] == [Outcome.error]  # settled once, nothing used
+    assert gate.settled[0][1].prompt_tokens == gate.settled[0][1].completion_tokens == 0
+
+
+async def test_a_dead_replica_is_a_503_the_sdk_retries(gate: RecordingGate) -> None:
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    app, handle = refusing_app(ReplicaUnavailableError("replica-1"), gate)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+    sdk = openai.AsyncOpenAI(base_url="http://t/v1", api_key="k", http_client=http,
+                             max_retries=1)
+    with pytest.raises(openai.InternalServerError) as e:
+        await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                   "content": "hi"}])
+    assert e.value.status_code == 503 and e.value.code == "model_unavailable"
+    assert handle.calls == 2  # retried once, after Retry-After

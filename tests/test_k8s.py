@@ -192,14 +192,14 @@ def test_generated_models_round_trip_to_the_catalog() -> None:
     assert ingress["autoscaling_config"]["min_replicas"] == 2  # the gpu overlay's override
 
 
-def test_max_surge_reaches_serve_and_passes_its_schema(tmp_path: Path) -> None:
+def test_surge_and_queue_bounds_reach_serve_and_pass_its_schema(tmp_path: Path) -> None:
     from cluster.catalog import CatalogError
     from cluster.k8s.checks_ray import parse_serve_config
 
     deployments = tmp_path / "deployments"
     shutil.copytree(REPO_ROOT / "deployments", deployments)
     path = deployments / "wizardlm-2-8x22b.yaml"
-    path.write_text(path.read_text() + "max_surge_percent: 25\n")
+    path.write_text(path.read_text() + "max_surge_percent: 25\nmax_queued_requests: 64\n")
     patch = yaml.safe_load(serve_config_patch(OVERLAYS["gpu"], deployments))
     config, problems = parse_serve_config(patch, "patch")
     assert problems == [] and config is not None
@@ -207,6 +207,8 @@ def test_max_surge_reaches_serve_and_passes_its_schema(tmp_path: Path) -> None:
              for d in config["applications"][0]["deployments"]}
     assert surge["model-microsoft-wizardlm-2-8x22b"] == 25
     assert list(surge.values()).count(None) == len(surge) - 1  # 0 is Serve's default: unsaid
+    queues = [d.get("max_queued_requests") for d in config["applications"][0]["deployments"]]
+    assert sorted(queues, key=str) == [64] + [None] * (len(queues) - 1)
     path.write_text(path.read_text().replace("max_surge_percent: 25", "max_surge_percent: 150"))
     with pytest.raises(CatalogError, match=r"wizardlm-2-8x22b\.yaml.*max_surge_percent"):
         load_catalog(deployments, Profile.gpu)
