@@ -185,9 +185,10 @@ class ChatService:
             yield err.sse().encode()
             yield DONE
         finally:
+            # Settled here, before the body's last byte, so the client's next request sees
+            # it; the response settles only a body that never started.
             with anyio.CancelScope(shield=True):  # settle even when the client left
-                await close(coalesced)  # a client that left cancels the replica's stream
-                await close(items)
+                await close(coalesced)  # closes items: cancels the replica's stream
                 await self._settle(req, spec, admission, tally)
 
     def _frame(self, req: ChatCompletionRequest, spec: ModelSpec,

@@ -19,6 +19,12 @@ from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from sse_starlette import EventSourceResponse
 
@@ -113,13 +119,6 @@ def serve_refusals(model: str) -> Iterator[None]:
     """Serve's refusals as 503s with ``Retry-After``, which clients (the openai SDK among
     them) retry: the model's queue at this ingress is full (``max_queued_requests``), or the
     replica chosen died or its deployment has none."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import (
-        BackPressureError,
-        DeploymentUnavailableError,
-        ReplicaUnavailableError,
-    )
-
     try:
         yield
     except BackPressureError as e:
