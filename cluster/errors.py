@@ -1,149 +1,132 @@
-"""OpenAI-style errors, and their mapping to HTTP in one place.
+"""Every refusal and failure a client can meet, as the domain names them.
 
-Every failure a client can see is an :class:`APIError` (or is turned into one by the
-handlers installed with :func:`install_error_handlers`), rendered as
-``{"error": {"message", "type", "param", "code"}}`` with the matching status.
+Raised by every layer (the gate, serving, the stores) and free of HTTP: the API layer turns
+them into OpenAI error bodies and statuses with one table (:mod:`cluster.api.errors`),
+which the admin API, the CLI's messages and the metrics' status labels use too.
+
+Each kind has a default ``code`` (OpenAI's machine-readable ``error.code``); a raise may
+give a finer one (``key_blocked``, ``model_overloaded``, ...). ``retry_after_s`` says when a
+retry can succeed (a 429 or 503 then carries ``Retry-After``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Mapping
-from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
+from dataclasses import dataclass
 
 
-class APIError(Exception):
-    """An error with an HTTP status and an OpenAI error body."""
+@dataclass(frozen=True)
+class RateLimitState:
+    """The most constrained scope's request and token windows (-1: no such limit), for the
+    ``x-ratelimit-*`` figures of a response or a refusal."""
 
-    status_code = 400
-    type = "invalid_request_error"
-    code: str | None = None
+    limit_requests: int = -1
+    remaining_requests: int = -1
+    reset_requests_ms: int = 0
+    limit_tokens: int = -1
+    remaining_tokens: int = -1
+    reset_tokens_ms: int = 0
+
+
+def fmt_wait(ms: int) -> str:
+    """A wait as OpenAI's messages and reset headers spell it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    minutes, ms_left = divmod(ms, 60_000)
+    seconds = f"{ms_left / 1000:.3f}".rstrip("0").rstrip(".")
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+class ClusterError(Exception):
+    code = "error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, status_code: int | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 retry_after_s: float | None = None, rate: RateLimitState | None = None
+                 ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
-        if type is not None:
-            self.type = type
-        if status_code is not None:
-            self.status_code = status_code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
-
-    def sse(self) -> str:
-        """The error as a mid-stream SSE event (the openai SDK raises on it)."""
-        return f"data: {json.dumps(self.body())}\n\n"
+        self.retry_after_s = retry_after_s
+        self.rate = rate
 
 
-class InvalidRequest(APIError):
-    status_code = 400
+class InvalidRequest(ClusterError):
+    """The request can never succeed as sent (a bad field, too long for the model)."""
+
     code = "invalid_request"
 
 
-class AuthenticationFailed(APIError):
-    status_code = 401
+class Unauthenticated(ClusterError):
     code = "invalid_api_key"
 
 
-class PermissionDenied(APIError):
-    status_code = 403
+class Forbidden(ClusterError):
+    """Authenticated, but not allowed (blocked key or user, model not allowed)."""
+
     code = "permission_denied"
 
 
-class ModelNotFound(APIError):
-    status_code = 404
+class NotFound(ClusterError):
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(message or f"The model '{model}' does not exist or is not served "
+                         "here.", param="model")
 
-class RateLimited(APIError):
-    status_code = 429
-    type = "rate_limit_exceeded"
+
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"No API key with id {key_id!r}.", param="key_id")
+        self.key_id = key_id
+
+
+class RateLimited(ClusterError):
+    """Over a requests-per-minute or concurrency limit; waiting ``retry_after_s`` helps."""
+
     code = "rate_limit_exceeded"
 
 
-class ServiceUnavailable(APIError):
-    status_code = 503
-    type = "service_unavailable"
+class TokensRateLimited(RateLimited):
+    """Over a tokens-per-minute limit (or larger than it: then waiting cannot help)."""
+
+
+class Unavailable(ClusterError):
+    """A dependency cannot serve now (the limits store, a model's replicas); retry."""
+
     code = "service_unavailable"
 
 
-class EngineError(APIError):
-    status_code = 500
-    type = "internal_error"
+class StoreUnavailable(Unavailable):
+    """The limits store (Redis) is unreachable."""
+
+    def __init__(self, message: str = "The limits store (Redis) is unreachable.") -> None:
+        super().__init__(message, retry_after_s=1)
+
+
+class ModelUnavailable(Unavailable):
+    code = "model_unavailable"
+
+
+class ModelOverloaded(Unavailable):
+    code = "model_overloaded"
+
+
+class EngineFailed(ClusterError):
+    """The engine (or the replica holding it) failed on an admitted request."""
+
     code = "internal_error"
 
-
-def from_error_body(body: Mapping[str, Any], status_code: int) -> APIError:
-    """Rebuild an APIError from an engine's error object (vLLM's ``ErrorResponse``)."""
-    err = body.get("error", body)
-    status = int(err.get("code") if isinstance(err.get("code"), int) else status_code)
-    kind = str(err.get("type") or "invalid_request_error")
-    if status == 404 or kind == "NotFoundError":
-        return ModelNotFound(str(err.get("message", "not found")), param="model")
-    if status >= 500:
-        return EngineError(str(err.get("message", "engine error")))
-    return InvalidRequest(str(err.get("message", "invalid request")), param=err.get("param"))
-
-
-def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    # pydantic names union members ("function-after[...]", "str"): drop those
-    parts = [p for p in parts if not (p.startswith(("function-", "tagged-union", "union["))
-                                      or p in ("str", "int", "float", "list[...]"))]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or None
-
-
-def validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        return InvalidRequest(f"We could not parse the JSON body of your request: "
-                              f"{first.get('msg')}", code="invalid_json")
-    param = _loc_to_param(tuple(first.get("loc", ())))
-    msg = str(first.get("msg", "invalid value"))
-    if param:
-        msg = f"Invalid value for '{param}': {msg}"
-    return InvalidRequest(msg, param=param, code="invalid_value")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: ("not_found", "not_found_error"),
-                 405: ("method_not_allowed", "invalid_request_error")}
-        code, kind = kinds.get(exc.status_code, ("http_error", "invalid_request_error"))
-        return APIError(str(exc.detail), code=code, type=kind,
-                        status_code=exc.status_code).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return EngineError("The server had an error while processing your request.").response()
+    @classmethod
+    def of(cls, model: str, exc: BaseException, *, streaming: bool = False) -> EngineFailed:
+        when = " while streaming" if streaming else ""
+        return cls(f"The model '{model}' failed{when}: {type(exc).__name__}")

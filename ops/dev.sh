@@ -16,7 +16,7 @@ install() {
     || { echo "Python 3.11 is required" >&2; exit 1; }
   [ -x "$VENV/bin/python" ] || { step "Creating $VENV"; "$PYTHON" -m venv "$VENV"; }
   local stamp="$VENV/.installed" want
-  want=$(cat pyproject.toml ops/dev.sh | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml setup.py ops/dev.sh | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     step "Dependencies up to date ($VENV)"
     return
@@ -43,6 +43,8 @@ run_tests() {
   step "Lint and types"
   "$VENV/bin/ruff" check cluster tests ops
   "$VENV/bin/mypy"
+  step "Layers: imports point one way (import-linter)"
+  "$VENV/bin/lint-imports"
   step "Generated files match deployments/"
   "$VENV/bin/cluster" k8s generate --check
   step "Unit tests"

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.redis_server import RedisServer, local_redis
+from cluster.tools.redis_server import RedisServer, local_redis
 
 
 @pytest.fixture(scope="session")

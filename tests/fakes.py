@@ -11,11 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.admission import Admission, OpenGate, Outcome, Usage
-from cluster.catalog import ModelSpec
-from cluster.engine import ChatResult, EngineRequestError
-from cluster.replica import ReplicaCore
-from cluster.streaming import close
+from cluster.config.catalog import ModelSpec
+from cluster.errors import RateLimitState
+from cluster.gate.contract import Admission, OpenGate, Outcome, Usage
+from cluster.serving.coalesce import close
+from cluster.serving.engine import ChatResult, RequestRejected
+from cluster.serving.messages import Rejected
+from cluster.serving.replica import ReplicaCore
 
 
 class FakeEngine:
@@ -49,9 +51,9 @@ class FakeEngine:
         prompt = sum(len(str(m.get("content", "")).split()) + 2 for m in payload["messages"])
         limit = payload.get("max_tokens")
         if prompt + (limit or 0) > self.max_model_len:
-            raise EngineRequestError(
+            raise RequestRejected(Rejected(
                 400, f"This model's maximum context length is {self.max_model_len} tokens.",
-                "messages")
+                "messages"))
         finish = "stop"
         if limit is not None and limit < len(words):
             words, finish = words[:limit], "length"
@@ -136,7 +138,7 @@ class RecordingGate(OpenGate):
                     reserve_tokens: int) -> Admission:
         admission = await super().admit(api_key=api_key, user=user, model=model,
                                         reserve_tokens=reserve_tokens)
-        admission.headers = {"x-ratelimit-limit-requests": "100"}
+        admission.rate = RateLimitState(limit_requests=100, remaining_requests=99)
         return admission
 
     async def settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> None:

@@ -7,10 +7,10 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.catalog import ModelSpec
-from cluster.keys import Names
-from cluster.limits import RedisGate
-from cluster.settings import AbuseRules, LimitDefaults, RedisFailMode, Settings
+from cluster.config.catalog import ModelSpec
+from cluster.config.settings import AbuseRules, LimitDefaults, RedisFailMode, Settings
+from cluster.gate.redis_gate import RedisGate
+from cluster.gate.redis_keys import RedisKeys
 
 MODEL_A = "acme/model-a"
 MODEL_B = "acme/model-b"
@@ -32,13 +32,13 @@ def settings(*, fail_mode: RedisFailMode = RedisFailMode.closed, anonymous: bool
                     abuse=AbuseRules(**(abuse or {})))
 
 
-def fresh_names() -> Names:
+def fresh_names() -> RedisKeys:
     """A key prefix of its own: tests share one server without seeing each other's keys."""
-    return Names(f"t{secrets.token_hex(4)}:")
+    return RedisKeys(f"t{secrets.token_hex(4)}:")
 
 
 @contextlib.asynccontextmanager
-async def open_gate(url: str, names: Names, conf: Settings | None = None
+async def open_gate(url: str, names: RedisKeys, conf: Settings | None = None
                     ) -> AsyncIterator[RedisGate]:
     gate = RedisGate.from_url(url, conf or settings(), names)
     try:

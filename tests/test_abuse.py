@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.abuse import AbuseStore
-from cluster.admission import Outcome, Usage
-from cluster.errors import APIError
-from cluster.keys import KeyLimits, KeyStore
-from cluster.limits import RedisGate
+from cluster.errors import ClusterError, InvalidRequest
+from cluster.gate.abuse import AbuseStore
+from cluster.gate.contract import Outcome, Usage
+from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.redis_gate import RedisGate
 from tests.limits_support import fresh_names, open_gate, settings, spec
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -26,7 +26,7 @@ async def send(gate: RedisGate, key: str, user: str, n: int, reserve: int = 10,
         try:
             granted = await gate.admit(api_key=key, user=user, model=spec(context=1000),
                                        reserve_tokens=reserve)
-        except APIError:
+        except ClusterError:
             refused += 1
             continue
         await gate.settle(granted, Usage(used, 0, 0.0), Outcome.ok)
@@ -39,7 +39,7 @@ async def test_rules_flag_the_right_users(redis_url: str) -> None:
         keys = KeyStore(gate.redis, names)
         created = await keys.create("k", KeyLimits(user_rpm=4))
         key, key_id = created.secret, created.record.key_id
-        abuse = AbuseStore(gate.redis, gate.settings.abuse, names)
+        abuse = AbuseStore(gate.redis, gate.conf.abuse, names)
         await seed_baseline(gate, abuse, key_id, "steady", per_minute=10)
 
         await send(gate, key, "spiky", 4)  # 4 requests, no history: under the minimum
@@ -69,7 +69,7 @@ async def seed_baseline(gate: RedisGate, abuse: AbuseStore, key_id: str, user: s
     seconds, _ = await gate.redis.time()
     now = int(seconds) // 60
     for minute in range(now - 10, now - 2):
-        await gate.redis.hset(f"{abuse.names.abuse_prefix(key_id)}{minute}",
+        await gate.redis.hset(f"{abuse.keys.abuse_prefix(key_id)}{minute}",
                               f"{user}|req", per_minute)
 
 
@@ -79,12 +79,12 @@ async def test_top_users_by_tokens_and_requests(redis_url: str) -> None:
         created = await KeyStore(gate.redis, names).create("k")
         for user, n, used in (("a", 1, 500), ("b", 5, 10), ("c", 2, 100)):
             await send(gate, created.secret, user, n, used=used)
-        abuse = AbuseStore(gate.redis, names=names)
+        abuse = AbuseStore(gate.redis, keys=names)
         by_tokens = await abuse.top_users(created.record.key_id, 60, "tokens")
         assert [(u.user, u.tokens) for u in by_tokens] == [("a", 500), ("c", 200), ("b", 50)]
         by_requests = await abuse.top_users(created.record.key_id, 60, "requests", limit=2)
         assert [(u.user, u.requests) for u in by_requests] == [("b", 5), ("c", 2)]
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             await abuse.top_users(created.record.key_id, 60, "cost")
 
 
@@ -93,7 +93,7 @@ async def test_blocking_a_user_or_key_is_seen_by_every_replica(redis_url: str) -
     async with open_gate(redis_url, names) as one, open_gate(redis_url, names) as two:
         created = await KeyStore(one.redis, names).create("k")
         key_id, key = created.record.key_id, created.secret
-        abuse = AbuseStore(one.redis, names=names)
+        abuse = AbuseStore(one.redis, keys=names)
         await abuse.block_user(key_id, "eve")
         assert await abuse.blocked_users(key_id) == ["eve"]
         assert await send(two, key, "eve", 1) == 1

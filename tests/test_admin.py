@@ -10,18 +10,19 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis.asyncio import Redis
 
-from cluster.admin import make_admin_router
-from cluster.admission import Outcome, Usage
-from cluster.errors import APIError, install_error_handlers
-from cluster.keys import Names
-from cluster.limits import make_client
-from cluster.settings import Settings
+from cluster.api.admin import make_admin_router
+from cluster.api.errors import install_error_handlers, status_of
+from cluster.config.settings import Settings
+from cluster.errors import ClusterError
+from cluster.gate.contract import Outcome, Usage
+from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.store import make_client
 from tests.limits_support import fresh_names, open_gate, settings, spec
 
 ADMIN = {"Authorization": "Bearer admin"}
 
 
-def admin_app(redis_url: str, names: Names, conf: Settings) -> FastAPI:
+def admin_app(redis_url: str, names: RedisKeys, conf: Settings) -> FastAPI:
     clients: list[Redis] = []
 
     def redis() -> Redis:  # created lazily, in the TestClient's event loop
@@ -31,22 +32,22 @@ def admin_app(redis_url: str, names: Names, conf: Settings) -> FastAPI:
 
     app = FastAPI()
     install_error_handlers(app)
-    app.include_router(make_admin_router(redis, settings=conf, names=names))
+    app.include_router(make_admin_router(redis, settings=conf, keys=names))
     return app
 
 
 @pytest.fixture
-def names() -> Names:
+def names() -> RedisKeys:
     return fresh_names()
 
 
 @pytest.fixture
-def client(redis_url: str, names: Names) -> Iterator[TestClient]:
+def client(redis_url: str, names: RedisKeys) -> Iterator[TestClient]:
     with TestClient(admin_app(redis_url, names, settings())) as c:
         yield c
 
 
-def request_status(redis_url: str, names: Names, key: str, user: str | None = None,
+def request_status(redis_url: str, names: RedisKeys, key: str, user: str | None = None,
                    model: str = "acme/model-a", settle_cost: float = 0.0) -> int:
     """One request through a fresh gate (a replica of its own)."""
     async def go() -> int:
@@ -54,14 +55,14 @@ def request_status(redis_url: str, names: Names, key: str, user: str | None = No
             try:
                 granted = await gate.admit(api_key=key, user=user, model=spec(model),
                                            reserve_tokens=10)
-            except APIError as e:
-                return e.status_code
+            except ClusterError as e:
+                return status_of(e)
             await gate.settle(granted, Usage(7, 3, settle_cost), Outcome.ok)
             return 200
     return asyncio.run(go())
 
 
-def test_admin_key_is_required(redis_url: str, names: Names, client: TestClient) -> None:
+def test_admin_key_is_required(redis_url: str, names: RedisKeys, client: TestClient) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "admin"}):
         r = client.get("/admin/keys", headers=headers)
         assert r.status_code == 401
@@ -70,7 +71,7 @@ def test_admin_key_is_required(redis_url: str, names: Names, client: TestClient)
         assert no_admin.get("/admin/keys", headers=ADMIN).status_code == 401
 
 
-def test_key_lifecycle(redis_url: str, names: Names, client: TestClient) -> None:
+def test_key_lifecycle(redis_url: str, names: RedisKeys, client: TestClient) -> None:
     r = client.post("/admin/keys", headers=ADMIN,
                     json={"name": "team-a", "limits": {"rpm": 2}, "models": ["acme/model-a"]})
     assert r.status_code == 201
@@ -101,7 +102,7 @@ def test_key_lifecycle(redis_url: str, names: Names, client: TestClient) -> None
     assert bad.status_code == 400
 
 
-def test_users_and_spend(redis_url: str, names: Names, client: TestClient) -> None:
+def test_users_and_spend(redis_url: str, names: RedisKeys, client: TestClient) -> None:
     created = client.post("/admin/keys", headers=ADMIN, json={"name": "k"}).json()
     secret, key_id = created["key"], created["record"]["key_id"]
     for user in ("ann", "ann", "bob"):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.catalog import CatalogError, load_catalog, load_spec
-from cluster.settings import REPO_ROOT, Profile
+from cluster.config.catalog import CatalogError, load_catalog, load_spec
+from cluster.config.settings import Profile
+from cluster.tools.checkout import REPO_ROOT
 
 SEED_MODELS = {
     "lizpreciatior/lzlv_70b_fp16_hf", "meta-llama/Llama-3.3-70B-Instruct-Turbo",

@@ -8,10 +8,11 @@ import re
 import pytest
 from typer.testing import CliRunner, Result
 
-from cluster.admission import Outcome, Usage
-from cluster.cli import app
-from cluster.errors import APIError
-from cluster.keys import Names
+from cluster.api.errors import status_of
+from cluster.errors import ClusterError
+from cluster.gate.contract import Outcome, Usage
+from cluster.gate.redis_keys import RedisKeys
+from cluster.tools.cli import app
 from tests.limits_support import open_gate, spec
 
 runner = CliRunner()
@@ -25,12 +26,12 @@ def cli(redis_url: str, *args: str) -> Result:
 
 def request_status(redis_url: str, key: str, user: str | None = None) -> int:
     async def go() -> int:
-        async with open_gate(redis_url, Names()) as gate:  # the CLI's default prefix
+        async with open_gate(redis_url, RedisKeys()) as gate:  # the CLI's default prefix
             try:
                 granted = await gate.admit(api_key=key, user=user, model=spec(),
                                            reserve_tokens=10)
-            except APIError as e:
-                return e.status_code
+            except ClusterError as e:
+                return status_of(e)
             await gate.settle(granted, Usage(4, 2, 0.125), Outcome.ok)
             return 200
     return asyncio.run(go())
@@ -92,8 +93,8 @@ def test_users_and_spend(redis_url: str, created: tuple[str, str]) -> None:
 
 def test_errors_are_messages_not_tracebacks(redis_url: str) -> None:
     missing = cli(redis_url, "keys", "revoke", "key_0000000000000000")
-    assert missing.exit_code == 1 and "no key with id" in missing.output
+    assert missing.exit_code == 1 and "No API key with id" in missing.output
     unknown_user_key = cli(redis_url, "users", "block", "key_0000000000000000", "x")
     assert unknown_user_key.exit_code == 1
     down = runner.invoke(app, ["keys", "list", "--redis-url", "redis://127.0.0.1:1/0"])
-    assert down.exit_code == 1 and "Redis unreachable" in down.output
+    assert down.exit_code == 1 and "(Redis) is unreachable" in down.output

@@ -10,10 +10,12 @@ import httpx
 import openai
 import pytest
 
-from cluster.admission import Outcome
-from cluster.catalog import ModelSpec
-from cluster.completions import ChatService
-from cluster.ingress import create_app
+from cluster.api.errors import status_of
+from cluster.api.ingress import create_app
+from cluster.api.sse import stream_response
+from cluster.config.catalog import ModelSpec
+from cluster.gate.contract import Outcome
+from cluster.serving.chat import ChatService, ChatStream
 from tests.fakes import LocalRouter, RecordingGate
 
 MODEL = "acme/echo-1"
@@ -271,7 +273,7 @@ async def test_engine_gets_the_seed_defaults_spelled_out(client: httpx.AsyncClie
 
 async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter,
                                                             gate: RecordingGate) -> None:
-    from cluster.metrics import NullMetrics, RequestRecord
+    from cluster.serving.observer import NullMetrics, RequestRecord
 
     class Recorder(NullMetrics):
         records: list[RequestRecord] = []
@@ -286,7 +288,8 @@ async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter
         for stream in (False, True):
             r = await c.post("/v1/chat/completions", json=chat(max_tokens=1000, stream=stream))
             assert r.status_code == 400
-    assert [(m.status, m.outcome) for m in metrics.records] == [(400, "error")] * 2
+    assert [(status_of(m.error), m.outcome) for m in metrics.records if m.error] == \
+        [(400, "error")] * 2
     assert [o for _, _, o in gate.settled] == [Outcome.error] * 2
 
 
@@ -308,8 +311,8 @@ async def test_a_stream_left_before_its_headers_still_settles(router: LocalRoute
     """sse-starlette never starts the body if the client leaves before the headers go out."""
     import asyncio
 
-    from cluster.metrics import NullMetrics
-    from cluster.protocol import ChatCompletionRequest
+    from cluster.api.protocol import ChatCompletionRequest
+    from cluster.serving.observer import NullMetrics
 
     class Ongoing(NullMetrics):
         count = 0
@@ -320,8 +323,10 @@ async def test_a_stream_left_before_its_headers_still_settles(router: LocalRoute
     metrics = Ongoing()
     router.engine(MODEL).delay_s = 0.05
     service = ChatService([r.spec for r in router.replicas.values()], router, gate, metrics)
-    response = await service.create(
+    stream = await service.create(
         ChatCompletionRequest.model_validate(chat(stream=True)), None)
+    assert isinstance(stream, ChatStream)
+    response = stream_response(stream)
     assert metrics.count == 1
 
     async def receive() -> dict[str, Any]:
@@ -367,7 +372,7 @@ class RefusingHandle:
 
 
 def refusing_app(error: Exception, gate: RecordingGate) -> tuple[Any, RefusingHandle]:
-    from cluster.ingress import HandleRouter
+    from cluster.api.ingress import HandleRouter
 
     handle = RefusingHandle(error)
     router = HandleRouter({MODEL: handle})  # type: ignore[dict-item]

@@ -14,16 +14,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cluster.catalog import load_catalog
-from cluster.k8s.cli import k8s_app
-from cluster.k8s.generate import GENERATED_FILE, OVERLAYS, drift, serve_config_patch
-from cluster.k8s.problems import K8sError
-from cluster.k8s.render import K8S_DIR, render
-from cluster.k8s.resources import actor_needs, group_resources, quantity
-from cluster.k8s.schema import DEFAULT_CRDS, drop_nulls, openapi_to_jsonschema
-from cluster.k8s.secret_files import secret_sources
-from cluster.k8s.validate import validate_docs, validate_target
-from cluster.settings import REPO_ROOT, Profile
+from cluster.config.catalog import load_catalog
+from cluster.config.settings import Profile
+from cluster.tools.checkout import REPO_ROOT
+from cluster.tools.k8s.cli import k8s_app
+from cluster.tools.k8s.generate import GENERATED_FILE, OVERLAYS, drift, serve_config_patch
+from cluster.tools.k8s.problems import K8sError
+from cluster.tools.k8s.render import K8S_DIR, render
+from cluster.tools.k8s.resources import actor_needs, group_resources, quantity
+from cluster.tools.k8s.schema import DEFAULT_CRDS, drop_nulls, openapi_to_jsonschema
+from cluster.tools.k8s.secret_files import secret_sources
+from cluster.tools.k8s.validate import validate_docs, validate_target
 
 BAD = Path(__file__).parent / "fixtures" / "k8s_bad"
 CRDS = (Path(os.environ.get("CLUSTER_K8S_CRDS", DEFAULT_CRDS)),)
@@ -182,7 +183,7 @@ def test_generated_config_ignores_the_callers_environment(monkeypatch: pytest.Mo
 
 
 def test_generated_models_round_trip_to_the_catalog() -> None:
-    from cluster.catalog import ModelSpec
+    from cluster.config.catalog import ModelSpec
 
     text = serve_config_patch(OVERLAYS["gpu"], REPO_ROOT / "deployments")
     config = yaml.safe_load(yaml.safe_load(text)["spec"]["serveConfigV2"])
@@ -193,8 +194,8 @@ def test_generated_models_round_trip_to_the_catalog() -> None:
 
 
 def test_surge_and_queue_bounds_reach_serve_and_pass_its_schema(tmp_path: Path) -> None:
-    from cluster.catalog import CatalogError
-    from cluster.k8s.checks_ray import parse_serve_config
+    from cluster.config.catalog import CatalogError
+    from cluster.tools.k8s.checks_ray import parse_serve_config
 
     deployments = tmp_path / "deployments"
     shutil.copytree(REPO_ROOT / "deployments", deployments)

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from cluster.settings import REPO_ROOT
+from cluster.tools.checkout import REPO_ROOT
 
 
 def load_bench() -> ModuleType:

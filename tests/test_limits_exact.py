@@ -10,9 +10,12 @@ from typing import Any
 
 from redis import Redis
 
-from cluster.errors import APIError
-from cluster.keys import KeyLimits, KeyStore, Names
-from cluster.limits import RedisGate, lua
+from cluster.api.errors import status_of
+from cluster.errors import ClusterError
+from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.redis_gate import RedisGate
+from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.scripts import lua
 from tests.limits_support import fresh_names, settings, spec
 
 PER_PROCESS = 100
@@ -25,7 +28,7 @@ def replica(url: str, prefix: str, secret: str, barrier: Any, out: Any) -> None:
 
 
 async def _fire(url: str, prefix: str, secret: str, barrier: Any) -> dict[str, Any]:
-    gate = RedisGate.from_url(url, settings(), Names(prefix))
+    gate = RedisGate.from_url(url, settings(), RedisKeys(prefix))
     try:
         # Open the connections and load the script first: the race starts at the barrier.
         await asyncio.gather(*(gate.redis.ping() for _ in range(PER_PROCESS)))
@@ -43,13 +46,13 @@ async def _fire(url: str, prefix: str, secret: str, barrier: Any) -> dict[str, A
 async def _one(gate: RedisGate, secret: str) -> int:
     try:
         await gate.admit(api_key=secret, user=None, model=spec(), reserve_tokens=1)
-    except APIError as e:
-        return e.status_code
+    except ClusterError as e:
+        return status_of(e)
     return 200
 
 
-async def _create_key(url: str, names: Names) -> tuple[str, str]:
-    from cluster.limits import make_client
+async def _create_key(url: str, names: RedisKeys) -> tuple[str, str]:
+    from cluster.gate.store import make_client
 
     client = make_client(url)
     try:

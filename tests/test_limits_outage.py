@@ -9,12 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.admission import Outcome, Usage
-from cluster.errors import APIError
-from cluster.keys import KeyLimits, KeyStore, Names
-from cluster.limits import RedisAdmission, RedisGate
-from cluster.redis_server import RedisServer
-from cluster.settings import RedisFailMode
+from cluster.api.errors import error_body, rate_headers, status_of
+from cluster.config.settings import RedisFailMode
+from cluster.errors import ClusterError
+from cluster.gate.contract import Outcome, Usage
+from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.redis_gate import RedisAdmission, RedisGate
+from cluster.gate.redis_keys import RedisKeys
+from cluster.tools.redis_server import RedisServer
 from tests.limits_support import fresh_names, open_gate, settings, spec
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -30,7 +32,7 @@ def server() -> Iterator[RedisServer]:
         yield s
 
 
-async def make_key(gate: RedisGate, names: Names, rpm: int) -> None:
+async def make_key(gate: RedisGate, names: RedisKeys, rpm: int) -> None:
     """The same key again after a restart (the test server keeps nothing on disk)."""
     await KeyStore(gate.redis, names).create("k", KeyLimits(rpm=rpm), secret=SECRET)
 
@@ -44,8 +46,8 @@ async def admit(gate: RedisGate, key: str = SECRET) -> RedisAdmission:
 async def status(gate: RedisGate, key: str = SECRET) -> int:
     try:
         await admit(gate, key)
-    except APIError as e:
-        return e.status_code
+    except ClusterError as e:
+        return status_of(e)
     return 200
 
 
@@ -57,13 +59,13 @@ async def test_fail_closed_refuses_with_503_then_recovers(
         await make_key(gate, names, rpm=100)
         in_flight = await admit(gate)
         server.stop()
-        caplog.set_level(logging.WARNING, logger="cluster.limits")
+        caplog.set_level(logging.WARNING, logger="cluster.gate.redis_gate")
         started = time.monotonic()
-        with pytest.raises(APIError) as info:
+        with pytest.raises(ClusterError) as info:
             await admit(gate)
-        assert info.value.status_code == 503
+        assert status_of(info.value) == 503
         assert "Redis" in info.value.message and "unreachable" in info.value.message
-        assert info.value.body()["error"]["code"] == "service_unavailable"
+        assert error_body(info.value)["error"]["code"] == "service_unavailable"
         assert [await status(gate) for _ in range(20)] == [503] * 20
         assert time.monotonic() - started < 1.0  # a dead Redis does not hang requests
         await gate.settle(in_flight, Usage(1, 1, 0.0), Outcome.ok)  # must not raise
@@ -75,8 +77,8 @@ async def test_fail_closed_refuses_with_503_then_recovers(
         await make_key(gate, names, rpm=100)
         await asyncio.sleep(RETRY_S)
         granted = await admit(gate)
-        assert not granted.local
-        assert granted.headers["x-ratelimit-remaining-requests"] == "99"
+        assert not granted.in_memory
+        assert rate_headers(granted.rate)["x-ratelimit-remaining-requests"] == "99"
         assert not gate.redis_down
 
 
@@ -89,22 +91,24 @@ async def test_fail_open_keeps_in_memory_limits_then_returns_to_redis(
         from_redis = await admit(gate)  # this replica now knows the key
         server.stop()
         local = [await admit(gate) for _ in range(3)]  # the per-replica window starts empty
-        assert all(a.local for a in local)
-        assert [a.headers["x-ratelimit-remaining-requests"] for a in local] == ["2", "1", "0"]
-        with pytest.raises(APIError) as info:
+        assert all(a.in_memory for a in local)
+        remaining = [rate_headers(a.rate)["x-ratelimit-remaining-requests"] for a in local]
+        assert remaining == ["2", "1", "0"]
+        with pytest.raises(ClusterError) as info:
             await admit(gate)
-        assert info.value.status_code == 429  # the in-memory limit holds
+        assert status_of(info.value) == 429  # the in-memory limit holds
         assert await status(gate, "sk-never-seen-by-this-replica-000000") == 503
         for a in (from_redis, *local):
             await gate.settle(a, Usage(1, 1, 0.0), Outcome.ok)  # nothing raises
-        assert gate.stats.local_admissions == 3 and gate.stats.outages == 1
+        assert gate.stats.fallback_admissions == 3 and gate.stats.outages == 1
 
         server.start()
         await make_key(gate, names, rpm=3)
         await asyncio.sleep(RETRY_S)
         back = await admit(gate)
-        assert not back.local
-        assert back.headers["x-ratelimit-remaining-requests"] == "2"  # Redis's count again
+        assert not back.in_memory
+        # Redis's count again:
+        assert rate_headers(back.rate)["x-ratelimit-remaining-requests"] == "2"
         assert not gate.redis_down
 
 
@@ -118,5 +122,5 @@ async def test_a_restart_between_two_requests_is_invisible(server: RedisServer) 
         server.restart()
         await make_key(gate, names, rpm=100)
         granted = await admit(gate)
-        assert granted.headers["x-ratelimit-remaining-requests"] == "99"
+        assert rate_headers(granted.rate)["x-ratelimit-remaining-requests"] == "99"
         assert gate.stats.redis_errors == 0

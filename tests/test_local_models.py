@@ -18,14 +18,8 @@ from typing import Any
 
 import pytest
 
-from cluster.local_models import (
-    IM_END,
-    MARKER,
-    SMOLLM2,
-    build_tiny_model,
-    ensure_builtin,
-    ensure_smollm2,
-)
+from cluster.tools.builtin_models import IM_END, MARKER, SMOLLM2, ensure_builtin, ensure_smollm2
+from tests.support.tiny_model import build_tiny_model
 
 FAST_S = 0.1  # what "returns at once" means for a built checkpoint
 
@@ -171,7 +165,7 @@ def test_tiny_rebuilt_for_another_seed(tmp_path: Path) -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from cluster.local_models import build_tiny_model
+from tests.support.tiny_model import build_tiny_model
 print(build_tiny_model(Path(sys.argv[1]), progress=lambda line: print(line, flush=True)))
 """
 

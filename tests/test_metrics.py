@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cluster import metrics as m
-from cluster.catalog import ModelSpec
-from cluster.limits import GateStats
-from cluster.metrics import Instruments, RayIngressMetrics, RequestRecord
+from cluster.api import metrics as m
+from cluster.api.metrics import Instruments, RayIngressMetrics
+from cluster.config.catalog import ModelSpec
+from cluster.errors import EngineFailed, ModelNotFound, RateLimited, StoreUnavailable
+from cluster.gate.redis_gate import GateStats
+from cluster.serving.observer import RequestRecord
 
 Tags = tuple[tuple[str, str], ...]
 
@@ -62,7 +64,7 @@ class FakeGate:
 
 
 def record(**over: object) -> RequestRecord:
-    base: dict[str, object] = dict(model="org/a", status=200, outcome="ok", stream=True,
+    base: dict[str, object] = dict(model="org/a", error=None, outcome="ok", stream=True,
                                    e2e_s=1.0, ttft_s=0.1, prompt_tokens=10,
                                    completion_tokens=10, estimated_cost=0.002)
     return RequestRecord(**(base | over))  # type: ignore[arg-type]
@@ -100,8 +102,8 @@ def test_no_inter_token_latency_without_a_stream_of_two_tokens(over: dict[str, o
 
 def test_failed_requests_count_but_leave_latencies_alone() -> None:
     mx, inst = metrics()
-    mx.finished(record(outcome="error", status=500, ttft_s=None, completion_tokens=0,
-                       estimated_cost=0.0))
+    mx.finished(record(outcome="error", error=EngineFailed("boom"), ttft_s=None,
+                       completion_tokens=0, estimated_cost=0.0))
     assert rec(inst, "requests").get(model="org/a", status="500", outcome="error",
                                      stream="true") == 1
     assert not rec(inst, "e2e").observed and not rec(inst, "itl").observed
@@ -112,8 +114,8 @@ def test_failed_requests_count_but_leave_latencies_alone() -> None:
 
 def test_rejections_count_by_reason_and_as_requests_with_their_status() -> None:
     mx, inst = metrics()
-    mx.rejected("org/b", "rate_limit_exceeded")
-    mx.rejected("org/b", "service_unavailable")
+    mx.rejected("org/b", RateLimited("slow down"))
+    mx.rejected("org/b", StoreUnavailable())
     assert rec(inst, "rejections").get(model="org/b", reason="rate_limit_exceeded") == 1
     requests = rec(inst, "requests")
     assert requests.get(model="org/b", status="429", outcome="rejected", stream="") == 1
@@ -122,7 +124,7 @@ def test_rejections_count_by_reason_and_as_requests_with_their_status() -> None:
 
 def test_a_made_up_model_name_is_not_a_label_value() -> None:
     mx, inst = metrics()
-    mx.rejected("../../etc/passwd", "model_not_found")
+    mx.rejected("../../etc/passwd", ModelNotFound("x"))
     assert rec(inst, "rejections").get(model=m.UNKNOWN_MODEL, reason="model_not_found") == 1
     assert rec(inst, "requests").get(model=m.UNKNOWN_MODEL, status="404",
                                      outcome="rejected", stream="") == 1
@@ -158,7 +160,7 @@ def test_refresh_rewrites_gauges_and_mirrors_redis() -> None:
 
 
 def test_a_gate_without_redis_state_gets_no_redis_metrics() -> None:
-    from cluster.admission import OpenGate
+    from cluster.gate.contract import OpenGate
 
     mx, inst = metrics(OpenGate())
     mx.refresh()
@@ -193,6 +195,6 @@ def test_a_failing_instrument_never_fails_the_request(caplog: pytest.LogCaptureF
     object.__setattr__(inst, "requests", Broken())
     mx = RayIngressMetrics([spec("org/a")], None, inst, refresh_s=None)
     mx.finished(record())
-    mx.rejected("org/a", "rate_limit_exceeded")
+    mx.rejected("org/a", RateLimited("slow down"))
     assert "recording ingress metrics failed" in caplog.text
     assert rec(inst, "rejections").get(model="org/a", reason="rate_limit_exceeded") == 1

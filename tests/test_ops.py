@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster import metrics as m
+from cluster.api import metrics as m
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 RULES = OPS / "alerts" / "cluster-rules.yaml"
@@ -52,6 +52,7 @@ _INGRESS_LABELS = {
     m.ONGOING: {"model"},
     m.REDIS_DOWN: set(),
     m.REDIS_ERRORS: set(),
+    m.GATE_EVENTS: {"event"},
 }
 
 
@@ -203,7 +204,8 @@ def test_dashboard_has_model_and_datasource_variables() -> None:
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
     ingress_queries = [e for _, e in dashboard_targets() if "ray_llm_ingress_" in e
-                       and "max_replicas" not in e and "redis_down" not in e]
+                       and "max_replicas" not in e and "redis_down" not in e
+                       and "gate_events" not in e]  # no model label: gate-wide
     assert all('model=~"$model"' in e for e in ingress_queries)
 
 

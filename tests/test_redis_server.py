@@ -7,7 +7,7 @@ import os
 import pytest
 import redis
 
-from cluster.redis_server import (
+from cluster.tools.redis_server import (
     RedisServer,
     RedisServerError,
     ensure_redis_url,

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cluster.streaming import coalesce
+from cluster.serving.coalesce import coalesce
+from cluster.serving.messages import StreamBatch, StreamOpened
 
 
 async def ticks(n: int, every_s: float, log: list[str] | None = None) -> AsyncIterator[int]:
@@ -65,8 +66,8 @@ async def test_closing_cancels_the_source() -> None:
 
 
 async def test_busy_replica_spaces_its_messages() -> None:
-    from cluster.catalog import ModelSpec
-    from cluster.replica import ReplicaCore
+    from cluster.config.catalog import ModelSpec
+    from cluster.serving.replica import ReplicaCore
     from tests.fakes import FakeEngine
 
     def core(busy_streams: int) -> ReplicaCore:
@@ -83,8 +84,9 @@ async def test_busy_replica_spaces_its_messages() -> None:
 
     async def messages(replica: ReplicaCore) -> int:
         items = [i async for i in replica.stream(payload)]
-        assert items[0] == {"ok": True}
-        assert sum(i["chunks"] for i in items[1:]) == 32  # role + 30 words + finish
+        assert items[0] == StreamOpened()
+        batches = [i for i in items[1:] if isinstance(i, StreamBatch)]
+        assert sum(b.chunks for b in batches) == 32  # role + 30 words + finish
         return len(items) - 1
 
     idle, busy = await messages(core(busy_streams=4)), await messages(core(busy_streams=0))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Streaming benchmark for OpenAI-compatible chat endpoints (issue 4).
+"""Streaming benchmark for OpenAI-compatible chat endpoints:
 
 Runs the same concurrency sweep against one or more base URLs, one target after the
 other, and reports TTFT, inter-token latency, end-to-end latency, output tokens/s,

@@ -7,7 +7,7 @@ Each client is a coroutine in this process doing admit -> settle in a loop, as t
 does per request; the figures therefore include this process's own CPU (redis-py and the
 event loop), which is what an ingress replica pays. Gates measured:
 
-- ``off``: :class:`cluster.admission.OpenGate` (no keys, no limits);
+- ``off``: :class:`cluster.gate.contract.OpenGate` (no keys, no limits);
 - ``redis``: a key with rpm, tpm and concurrency limits, requests giving ``user``;
 - ``redis+all``: also per-user limits and a global per-model TPM (three window scopes).
 
@@ -25,12 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from cluster.admission import Gate, OpenGate, Outcome, Usage
-from cluster.catalog import ModelSpec
-from cluster.keys import KeyLimits, KeyStore, Names
-from cluster.limits import RedisGate
-from cluster.redis_server import local_redis
-from cluster.settings import LimitDefaults, Settings
+from cluster.config.catalog import ModelSpec
+from cluster.config.settings import LimitDefaults, Settings
+from cluster.gate.contract import Gate, OpenGate, Outcome, Usage
+from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.redis_gate import RedisGate
+from cluster.gate.redis_keys import RedisKeys
+from cluster.tools.redis_server import local_redis
 
 MODEL = ModelSpec.model_validate({
     "id": "bench/model", "profile": "local", "source": {"path": "/nowhere"},
@@ -86,24 +87,24 @@ async def measure(name: str, gate: Gate, key: str | None, clients: int, requests
 async def redis_gate(url: str, all_scopes: bool) -> tuple[RedisGate, str]:
     model_tpm = {MODEL.id: BIG} if all_scopes else {}
     conf = Settings(limits=LimitDefaults(model_tpm=model_tpm))
-    gate = RedisGate.from_url(url, conf, Names(f"bench{int(all_scopes)}:"))
+    gate = RedisGate.from_url(url, conf, RedisKeys(f"bench{int(all_scopes)}:"))
     limits = KeyLimits(rpm=BIG, tpm=BIG, max_concurrent=1000,
                        user_rpm=BIG if all_scopes else None,
                        user_tpm=BIG if all_scopes else None)
-    created = await KeyStore(gate.redis, gate.names).create("bench", limits)
+    created = await KeyStore(gate.redis, gate.keys).create("bench", limits)
     return gate, created.secret
 
 
 async def drop_prefix(gate: RedisGate) -> None:
     """Delete the bench's own keys (never anything else on a given server)."""
-    batch = [k async for k in gate.redis.scan_iter(match=f"{gate.names.prefix}*", count=1000)]
+    batch = [k async for k in gate.redis.scan_iter(match=f"{gate.keys.prefix}*", count=1000)]
     for i in range(0, len(batch), 1000):
         await gate.redis.delete(*batch[i:i + 1000])
 
 
 async def server_usec_per_script(url: str) -> float:
     """Redis's own time per EVALSHA (admit and settle averaged), from INFO commandstats."""
-    from cluster.limits import make_client
+    from cluster.gate.store import make_client
 
     client = make_client(url)
     try:

@@ -14,11 +14,12 @@ import httpx
 import openai
 import pytest
 
-from cluster.catalog import ModelSpec, load_spec
-from cluster.local_models import build_tiny_model
-from cluster.local_stack import LocalStack
-from cluster.redis_server import free_port
-from cluster.settings import REPO_ROOT
+from cluster.config.catalog import ModelSpec, load_spec
+from cluster.config.settings import LimitDefaults, Settings
+from cluster.tools.checkout import REPO_ROOT
+from cluster.tools.redis_server import free_port
+from cluster.tools.stack import LocalStack
+from tests.support.tiny_model import build_tiny_model
 
 TINY_A = "test/tiny-a"
 TINY_B = "test/tiny-b"
@@ -44,12 +45,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(tiny_model: Path) -> Iterator[LocalStack]:
     smol = load_spec(REPO_ROOT / "deployments" / "smollm2-135m-instruct.yaml")
     specs = [tiny_spec(TINY_A, tiny_model), tiny_spec(TINY_B, tiny_model), smol]
-    stack = LocalStack(specs, port=free_port(), include_dashboard=False,
-                       env={"CLUSTER_LIMITS__RPM": "100000", "CLUSTER_LIMITS__TPM": "0",
-                            "CLUSTER_LIMITS__MAX_CONCURRENT": "0",
-                            # two ingress replicas: limits must hold across them
-                            "CLUSTER_INGRESS_MIN_REPLICAS": "2",
-                            "CLUSTER_INGRESS_MAX_REPLICAS": "2"})
+    # Limits high enough for the shared key; two ingress replicas: limits must hold across them.
+    settings = Settings(limits=LimitDefaults(rpm=100_000, tpm=0, max_concurrent=0),
+                        ingress_min_replicas=2, ingress_max_replicas=2)
+    stack = LocalStack(specs, settings, port=free_port(), include_dashboard=False)
     try:
         stack.start(progress=print)
         stack.wait_healthy(timeout_s=600)
@@ -64,7 +63,7 @@ SESSION_KEY = "sk-integration-session-key"
 def create_key(stack: LocalStack, name: str, secret: str | None = None,
                models: list[str] | None = None, **limits: int) -> str:
     """A key in the stack's Redis (the secret is returned; Redis keeps only its hash)."""
-    from cluster.keys import KeyLimits, create_key_now
+    from cluster.gate.keys import KeyLimits, create_key_now
 
     assert stack.redis_url is not None
     return create_key_now(stack.redis_url, name, KeyLimits(**limits), models, secret).secret

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.local_stack import LocalStack
-from cluster.redis_server import free_port
-from cluster.settings import REPO_ROOT
+from cluster.tools.checkout import REPO_ROOT
+from cluster.tools.redis_server import free_port
+from cluster.tools.stack import LocalStack
 from tests.integration.conftest import TINY_A
 
 

@@ -12,8 +12,8 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.local_stack import LocalStack
-from cluster.serve_config import APP_NAME, INGRESS_NAME
+from cluster.config.serve_options import APP_NAME, INGRESS_NAME
+from cluster.tools.stack import LocalStack
 from tests.integration.conftest import SESSION_KEY, TINY_A, TINY_B, create_key
 
 ASK = {"model": TINY_A, "max_tokens": 1,
@@ -149,8 +149,8 @@ def test_concurrency_429_is_retried_by_the_sdk(stack: LocalStack) -> None:
 def test_blocked_user_is_refused_at_once(stack: LocalStack) -> None:
     from redis.asyncio import Redis
 
-    from cluster.abuse import AbuseStore
-    from cluster.keys import hash_key, key_id_of
+    from cluster.gate.abuse import AbuseStore
+    from cluster.gate.keys import hash_key, key_id_of
 
     key = create_key(stack, "users", rpm=100)
     assert post(stack, key, ASK | {"user": "mallory"}).status_code == 200

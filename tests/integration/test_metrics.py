@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 
-from cluster import metrics as m
-from cluster.local_stack import LocalStack
-from cluster.redis_server import free_port
-from cluster.serve_config import APP_NAME, INGRESS_NAME
+from cluster.api import metrics as m
+from cluster.config.serve_options import APP_NAME, INGRESS_NAME
+from cluster.tools.redis_server import free_port
+from cluster.tools.stack import LocalStack
 from tests.integration.conftest import TINY_A
 
 Labels = dict[str, str]

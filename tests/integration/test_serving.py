@@ -10,8 +10,8 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.local_stack import LocalStack
-from cluster.serve_config import APP_NAME
+from cluster.config.serve_options import APP_NAME
+from cluster.tools.stack import LocalStack
 from tests.integration.conftest import SMOL, TINY_A, TINY_B
 
 HELLO = [{"role": "user", "content": "Hello! Tell me a long story about a cat."}]
@@ -67,7 +67,7 @@ def test_raw_sse_ends_with_done_and_has_no_usage_unless_asked(http: httpx.Client
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert all("usage" not in c or c["usage"] is None for c in chunks)
     assert all(set(c) <= {"id", "object", "created", "model", "choices", "system_fingerprint"}
-               for c in chunks)  # the seeds' fields, no vLLM-internal nulls
+               for c in chunks)  # OpenAI's chunk fields, no vLLM-internal nulls
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
@@ -158,7 +158,7 @@ def test_models_and_health(http: httpx.Client) -> None:
 
 def test_disconnect_aborts_generation_within_a_second(stack: LocalStack,
                                                       api_key: str) -> None:
-    from cluster.catalog import ModelSpec
+    from cluster.config.catalog import ModelSpec
 
     name = next(ModelSpec.model_validate(s.model_dump()).deployment_name
                 for s in stack.specs if s.id == TINY_B)

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import yaml
 
-from cluster.redis_server import free_port
+from cluster.tools.redis_server import free_port
 from tests.integration.conftest import tiny_spec
 
 
@@ -27,7 +27,7 @@ def test_cluster_up_serves_then_stops_cleanly_on_ctrl_c(tiny_model: Path,
     env = os.environ | {"CLUSTER_DEPLOYMENTS_DIR": str(deployments), "CLUSTER_PORT": str(port),
                         "COLUMNS": "200"}
     env.pop("CLUSTER_REDIS_URL", None)  # `up` starts its own Redis
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.tools.cli", "up"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     try:

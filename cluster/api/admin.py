@@ -1,0 +1,154 @@
+"""The admin HTTP API (``/admin``): keys, limits, blocking, top and flagged users, spend.
+
+Every route needs ``Authorization: Bearer <settings.admin_key>`` (401 otherwise; with no
+admin key configured the API refuses everything). The Redis client comes from the caller,
+so the ingress mounts it on its own client::
+
+    app.include_router(make_admin_router(lambda: gate.redis))
+
+The stores raise :mod:`cluster.errors` exceptions (404 unknown key, 400 bad input) and
+:func:`cluster.gate.store.store_errors` turns an unreachable Redis into a 503; the app's
+one error table renders them all.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the router-local dependency
+# aliases (Keys, Abuse, Spend) as objects, not as strings it would resolve in module globals.
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from cluster.config.settings import Settings
+from cluster.errors import Unauthenticated
+from cluster.gate.abuse import AbuseStore, Flag, UserActivity
+from cluster.gate.keys import KeyLimits, KeyRecord, KeyStore
+from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.spend import SpendDay, SpendStore
+from cluster.gate.store import store_errors
+
+
+class NewKey(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    limits: KeyLimits = KeyLimits()
+    models: list[str] | None = None  # None: every model
+
+
+class CreatedKeyOut(BaseModel):
+    key: str = Field(description="the secret; shown only in this response")
+    record: KeyRecord
+
+
+class LimitsPatch(KeyLimits):
+    clear: list[str] = []  # limits back to their default
+    models: list[str] | None = None
+    all_models: bool = False
+
+
+class UserRef(BaseModel):
+    user: str = Field(min_length=1, max_length=1000)
+
+
+class Done(BaseModel):
+    ok: bool = True
+
+
+def make_admin_router(redis: Callable[[], Redis], settings: Settings,
+                      keys: RedisKeys | None = None) -> APIRouter:
+    """The ``/admin`` router; ``redis`` returns the client to use (called per request)."""
+    layout = keys or RedisKeys()
+    admin_key = settings.admin_key.get_secret_value().encode() if settings.admin_key else b""
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").partition(" ")
+        if (not admin_key or scheme.lower() != "bearer"
+                or not secrets.compare_digest(given.strip().encode(), admin_key)):
+            raise Unauthenticated("A valid admin key is required (Authorization: Bearer "
+                                  "<admin key>).", code="invalid_admin_key")
+
+    # Each store is yielded inside store_errors(): an unreachable Redis in a route is a 503.
+    async def key_store() -> AsyncIterator[KeyStore]:
+        with store_errors():
+            yield KeyStore(redis(), layout)
+
+    async def abuse_store() -> AsyncIterator[AbuseStore]:
+        with store_errors():
+            yield AbuseStore(redis(), settings.abuse, layout)
+
+    async def spend_store() -> AsyncIterator[SpendStore]:
+        with store_errors():
+            yield SpendStore(redis(), layout)
+
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authorize)])
+    Keys = Annotated[KeyStore, Depends(key_store)]
+    Abuse = Annotated[AbuseStore, Depends(abuse_store)]
+    Spend = Annotated[SpendStore, Depends(spend_store)]
+
+    @router.post("/keys", status_code=201)
+    async def create_key(body: NewKey, keys: Keys) -> CreatedKeyOut:
+        created = await keys.create(body.name, body.limits, body.models)
+        return CreatedKeyOut(key=created.secret, record=created.record)
+
+    @router.get("/keys")
+    async def list_keys(keys: Keys, include_revoked: bool = True) -> list[KeyRecord]:
+        return await keys.list_keys(include_revoked)
+
+    @router.get("/keys/{key_id}")
+    async def get_key(key_id: str, keys: Keys) -> KeyRecord:
+        return await keys.get(key_id)
+
+    @router.post("/keys/{key_id}/revoke")
+    async def revoke_key(key_id: str, keys: Keys) -> KeyRecord:
+        return await keys.revoke(key_id)
+
+    @router.patch("/keys/{key_id}/limits")
+    async def set_limits(key_id: str, body: LimitsPatch, keys: Keys) -> KeyRecord:
+        limits = KeyLimits(**body.model_dump(include=set(KeyLimits.model_fields)))
+        return await keys.set_limits(key_id, limits, clear=body.clear, models=body.models,
+                                     all_models=body.all_models)
+
+    @router.post("/keys/{key_id}/block")
+    async def block_key(key_id: str, keys: Keys) -> KeyRecord:
+        return await keys.set_blocked(key_id, True)
+
+    @router.post("/keys/{key_id}/unblock")
+    async def unblock_key(key_id: str, keys: Keys) -> KeyRecord:
+        return await keys.set_blocked(key_id, False)
+
+    _user_routes(router, Keys, Abuse, Spend)
+    return router
+
+
+def _user_routes(router: APIRouter, Keys: Any, Abuse: Any, Spend: Any) -> None:
+    @router.post("/keys/{key_id}/users/block")
+    async def block_user(key_id: str, body: UserRef, keys: Keys, abuse: Abuse) -> Done:
+        await keys.get(key_id)
+        await abuse.block_user(key_id, body.user)
+        return Done()
+
+    @router.post("/keys/{key_id}/users/unblock")
+    async def unblock_user(key_id: str, body: UserRef, abuse: Abuse) -> Done:
+        return Done(ok=await abuse.unblock_user(key_id, body.user))
+
+    @router.get("/keys/{key_id}/users/blocked")
+    async def blocked_users(key_id: str, abuse: Abuse) -> list[str]:
+        return await abuse.blocked_users(key_id)
+
+    @router.get("/keys/{key_id}/users/top")
+    async def top_users(key_id: str, abuse: Abuse,
+                        minutes: Annotated[int, Query(ge=1, le=7 * 24 * 60)] = 60,
+                        by: Literal["tokens", "requests", "rejected", "errors"] = "tokens",
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 10
+                        ) -> list[UserActivity]:
+        return await abuse.top_users(key_id, minutes, by, limit)
+
+    @router.get("/users/flagged")
+    async def flagged_users(abuse: Abuse, key_id: str | None = None) -> list[Flag]:
+        return await abuse.flagged(key_id)
+
+    @router.get("/spend")
+    async def spend(spend: Spend, key_id: str | None = None,
+                    days: Annotated[int, Query(ge=1, le=400)] = 7) -> list[SpendDay]:
+        return await spend.spend(key_id, days)

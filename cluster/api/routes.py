@@ -1,0 +1,100 @@
+"""The OpenAI-compatible routes and the FastAPI app around them.
+
+Routes stay thin: parsing and validation are the protocol models' job, admission the gate's,
+routing and billing :class:`~cluster.serving.chat.ChatService`'s, errors
+:mod:`cluster.api.errors`'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from cluster.api.errors import install_error_handlers, rate_headers
+from cluster.api.protocol import MAX_USER_LENGTH, ChatCompletionRequest, ModelCard, ModelList
+from cluster.api.sse import stream_response
+from cluster.errors import InvalidRequest
+from cluster.serving.chat import ChatResponse, ChatService
+
+STARTED = int(time.time())
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def model_list(service: ChatService) -> ModelList:
+    return ModelList(data=[
+        ModelCard(id=s.id, created=STARTED, owned_by=s.id.split("/")[0],
+                  context_length=s.engine.max_model_len, description=s.description,
+                  pricing={"input_per_million": s.pricing.input_per_million,
+                           "output_per_million": s.pricing.output_per_million,
+                           "currency": "USD"})
+        for s in service.specs.values()])
+
+
+def openai_router(service: ChatService) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse | EventSourceResponse:
+        result = await service.create(body, bearer_key(authorization))
+        if isinstance(result, ChatResponse):
+            return JSONResponse(result.body, headers=rate_headers(result.rate))
+        return stream_response(result)
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        return model_list(service)
+
+    return router
+
+
+def _user_field(body: bytes) -> str | None:
+    """The ``user`` of a request that failed validation, if it can be read at all."""
+    with contextlib.suppress(ValueError):
+        data = json.loads(body)
+        user = data.get("user") if isinstance(data, dict) else None
+        return user[:MAX_USER_LENGTH] if isinstance(user, str) else None
+    return None
+
+
+def create_app(service: ChatService, extra_routers: list[APIRouter] | None = None) -> FastAPI:
+    app = FastAPI(title="cluster: OpenAI-compatible LLM API", version="0.1.0")
+
+    async def invalid(request: Request, error: InvalidRequest) -> None:
+        """A 400 still counts against the key and user, for abuse monitoring."""
+        await service.gate.record_rejection(
+            api_key=bearer_key(request.headers.get("authorization")),
+            user=_user_field(await request.body()), model="", reason="400")
+        service.metrics.rejected("", error)
+
+    install_error_handlers(app, on_invalid=invalid)
+    router = openai_router(service)
+    app.include_router(router, prefix="/v1/openai")
+    app.include_router(router, prefix="/v1")
+    for extra in extra_routers or []:
+        app.include_router(extra)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        states = await asyncio.gather(*(service.router.ready(m) for m in service.specs))
+        models = dict(zip(service.specs, states, strict=True))
+        ok = all(states)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "models": models},
+                            status_code=200 if ok else 503)
+
+    return app

@@ -1,0 +1,47 @@
+"""The layout of the gate's data in Redis: every key name, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "cluster:"
+
+
+def scope_name(kind: str, key_id: str, user: str = "", model: str = "") -> str:
+    """A limit scope: a key, one ``user`` within a key, or a model (all keys)."""
+    return {"key": f"k:{key_id}", "user": f"u:{key_id}:{user}", "model": f"m:{model}"}[kind]
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Key names under one prefix (tests and benchmarks use their own)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def record(self, key_id: str) -> str:
+        """An API key's record (a hash; see :mod:`cluster.gate.keys`)."""
+        return f"{self.prefix}key:{key_id}"
+
+    def index(self) -> str:
+        """The set of every key id."""
+        return f"{self.prefix}keys"
+
+    def blocked_users(self, key_id: str) -> str:
+        return f"{self.prefix}ublock:{key_id}"
+
+    def window(self, scope: str) -> tuple[str, str]:
+        """The sliding-window log (zset) and its token amounts (hash) of one scope."""
+        return f"{self.prefix}win:{scope}", f"{self.prefix}wtok:{scope}"
+
+    def slots(self, key_id: str) -> str:
+        """The concurrency slots of a key (zset scored by lease expiry)."""
+        return f"{self.prefix}slots:{key_id}"
+
+    def abuse_prefix(self, key_id: str) -> str:
+        return f"{self.prefix}ab:{key_id}:"  # + minute number
+
+    def spend_prefix(self, key_id: str) -> str:
+        return f"{self.prefix}spend:{key_id}:"  # + UTC day number
+
+    def auth_failures(self) -> str:
+        return f"{self.prefix}authfail:"  # + minute number

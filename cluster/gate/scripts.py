@@ -1,0 +1,189 @@
+"""The gate's Lua scripts and their codec: each call's argument and reply are JSON objects
+with named fields, built and read only here.
+
+``admit.lua`` decides and reserves (:class:`AdmitCall` -> :class:`Decision`), ``settle.lua``
+moves a reservation to the real usage (:class:`SettleCall`), ``reject.lua`` counts a request
+refused before admission (:class:`RejectCall`). The in-memory fallback limiter answers with
+the same :class:`Decision`, so the two can be compared on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+
+from cluster.errors import RateLimitState
+from cluster.gate.redis_keys import RedisKeys, scope_name
+
+WINDOW_MS = 60_000  # RPM and TPM are per minute
+SCOPE_BITS = {"key": 1, "user": 2, "model": 4}  # which scopes hold a reservation
+COMPACT = (",", ":")
+
+
+def lua(name: str) -> str:
+    return (files("cluster.gate") / "lua" / name).read_text()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One admission verdict. ``code`` is ``ok`` or why it was refused (``invalid_api_key``,
+    ``revoked``, ``key_blocked``, ``user_blocked``, ``model_not_allowed``, ``requests``,
+    ``tokens``, ``too_large``, ``concurrency``); ``scope`` the scope that refused."""
+
+    code: str
+    scope: str = ""
+    limit: int = -1
+    used: int = 0
+    retry_ms: int = 0
+    rate: RateLimitState = field(default_factory=RateLimitState)
+    scope_bits: int = 0  # of the scopes holding the reservation, see SCOPE_BITS
+
+    @property
+    def admitted(self) -> bool:
+        return self.code == "ok"
+
+    def scopes(self, key_id: str, user: str, model: str) -> tuple[str, ...]:
+        """The names of the scopes holding this admission's reservation."""
+        return tuple(scope_name(kind, key_id, user, model)
+                     for kind, bit in SCOPE_BITS.items() if self.scope_bits & bit)
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """What the admission script said about a key, kept for the fallback limiter."""
+
+    key_id: str
+    refusal: str = ""  # "revoked" / "key_blocked", or "" when usable
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrent: int = 0
+    user_rpm: int = 0
+    user_tpm: int = 0
+    models: str = ""  # ",a,b," or "" for all
+
+
+@dataclass(frozen=True)
+class AdmitCall:
+    keys: RedisKeys
+    key_id: str
+    digest: str  # "" for the anonymous key
+    user: str
+    model: str
+    reserve: int
+    slot_id: str
+    default_rpm: int
+    default_tpm: int
+    default_max_concurrent: int
+    model_tpm: int
+    lease_ms: int
+    abuse_ttl_s: int
+    max_length: bool
+    now_ms: int | None = None  # tests only: otherwise Redis's clock
+
+    def _key_names(self) -> dict[str, str]:
+        k = self.keys
+        names = {"record": k.record(self.key_id), "blocked_users": k.blocked_users(self.key_id),
+                 "slots": k.slots(self.key_id)}
+        for kind in SCOPE_BITS:
+            log, tokens = k.window(scope_name(kind, self.key_id, self.user, self.model))
+            names |= {f"{kind}_log": log, f"{kind}_tokens": tokens}
+        return names
+
+    def script_keys(self) -> list[str]:
+        return list(self._key_names().values())
+
+    def argument(self) -> str:
+        fields = {f: getattr(self, f) for f in (
+            "digest", "user", "model", "reserve", "slot_id", "default_rpm", "default_tpm",
+            "default_max_concurrent", "model_tpm", "lease_ms", "abuse_ttl_s", "max_length")}
+        fields |= {"keys": self._key_names(), "window_ms": WINDOW_MS,
+                   "anonymous": not self.digest,
+                   "abuse_prefix": self.keys.abuse_prefix(self.key_id),
+                   "auth_failures_prefix": self.keys.auth_failures()}
+        if self.now_ms is not None:
+            fields["now_ms"] = self.now_ms
+        return json.dumps(fields, separators=COMPACT)
+
+
+def decode_admit(reply: str, key_id: str) -> tuple[Decision, KnownKey | None]:
+    """admit.lua's reply: the decision, and what it says of the key (None: unknown key)."""
+    r = json.loads(reply)
+    rate = RateLimitState(**{k: int(v) for k, v in r["rate"].items()})
+    decision = Decision(str(r["code"]), str(r["scope"]), int(r["limit"]), int(r["used"]),
+                        int(r["retry_ms"]), rate, int(r["scope_bits"]))
+    if decision.code == "invalid_api_key":
+        return decision, None
+    if decision.code in ("revoked", "key_blocked"):
+        return decision, KnownKey(key_id, decision.code)
+    key = r["key"]
+    return decision, KnownKey(key_id, rpm=int(key["rpm"]), tpm=int(key["tpm"]),
+                              max_concurrent=int(key["max_concurrent"]),
+                              user_rpm=int(key["user_rpm"]), user_tpm=int(key["user_tpm"]),
+                              models=str(key["models"] or ""))
+
+
+@dataclass(frozen=True)
+class SettleCall:
+    slots: str
+    windows: list[tuple[str, str]]  # (log, tokens) of each scope holding the reservation
+    slot_id: str
+    used: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    outcome: str
+    user: str
+    abuse_prefix: str
+    abuse_ttl_s: int
+    spend_prefix: str
+    spend_ttl_s: int
+
+    def script_keys(self) -> list[str]:
+        return [self.slots, *(name for pair in self.windows for name in pair)]
+
+    def argument(self) -> str:
+        fields: dict[str, Any] = asdict(self)
+        fields["windows"] = [list(w) for w in self.windows]
+        fields["cost"] = f"{float(self.cost):.10f}"  # HINCRBYFLOAT takes the exact decimal
+        return json.dumps(fields, separators=COMPACT)
+
+
+@dataclass(frozen=True)
+class RejectCall:
+    record: str
+    digest: str
+    user: str
+    reason: str
+    abuse_prefix: str
+    abuse_ttl_s: int
+    auth_failures_prefix: str
+
+    def argument(self) -> str:
+        return json.dumps(asdict(self), separators=COMPACT)
+
+
+@dataclass
+class Scripts:
+    """The three scripts registered on a client (EVALSHA; redis-py reloads on NOSCRIPT)."""
+
+    redis: Redis
+    _scripts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("admit", "settle", "reject"):
+            self._scripts[name] = self.redis.register_script(lua(f"{name}.lua"))
+
+    async def admit(self, call: AdmitCall) -> tuple[Decision, KnownKey | None]:
+        reply = await self._scripts["admit"](keys=call.script_keys(), args=[call.argument()])
+        return decode_admit(reply, call.key_id)
+
+    async def settle(self, call: SettleCall) -> int:
+        return int(await self._scripts["settle"](keys=call.script_keys(),
+                                                 args=[call.argument()]))
+
+    async def reject(self, call: RejectCall) -> int:
+        return int(await self._scripts["reject"](keys=[call.record], args=[call.argument()]))

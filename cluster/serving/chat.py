@@ -1,0 +1,237 @@
+"""Chat completions at the ingress: admit, route to the model's replicas, price, settle.
+
+Every request that passes admission is settled exactly once (``finally``), whether it
+finished, failed or the client hung up, so limits and spend never drift. The service knows
+no HTTP: it returns a :class:`ChatResponse` or a :class:`ChatStream` and raises
+:mod:`cluster.errors` exceptions; the API layer renders them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from cluster.config.catalog import ModelSpec
+from cluster.errors import ClusterError, EngineFailed, ModelNotFound, RateLimitState
+from cluster.gate.contract import Admission, Gate, Outcome, Usage
+from cluster.serving.coalesce import close, coalesce
+from cluster.serving.messages import Rejected, StreamBatch, StreamItem
+from cluster.serving.observer import IngressMetrics, NullMetrics, RequestRecord
+from cluster.serving.router import ModelRouter
+
+DONE = b"data: [DONE]\n\n"
+COMPACT = (",", ":")  # the engine's chunks are compact JSON: so is ours
+
+
+class ChatRequest(Protocol):
+    """What the service reads of a validated request (the API's protocol model)."""
+
+    model: str
+    user: str | None
+    stream: bool
+
+    @property
+    def output_limit(self) -> int | None: ...
+
+    @property
+    def wants_usage_chunk(self) -> bool: ...
+
+    def engine_payload(self) -> dict[str, Any]: ...
+
+    def estimated_prompt_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    body: dict[str, Any]
+    rate: RateLimitState | None
+
+
+@dataclass(frozen=True)
+class ChatStream:
+    """SSE bytes, or a :class:`ClusterError` to send as a mid-stream error event.
+    ``on_unstarted`` settles a stream whose body never ran (the client left before the
+    headers went out); it is a no-op once the body ran."""
+
+    events: AsyncIterator[bytes | ClusterError]
+    rate: RateLimitState | None
+    on_unstarted: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class _Tally:
+    """What a request used, known exactly at the end or estimated on a hang-up."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_byte: float | None = None
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    outcome: Outcome = Outcome.disconnected
+    error: ClusterError | None = None  # what the client got instead of a 200
+    settled: bool = False
+
+    def failed(self, error: ClusterError) -> ClusterError:
+        self.outcome, self.error = Outcome.error, error
+        return error
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+
+def _as_error(model: str, exc: BaseException, *, streaming: bool = False) -> ClusterError:
+    return exc if isinstance(exc, ClusterError) else EngineFailed.of(model, exc,
+                                                                      streaming=streaming)
+
+
+class ChatService:
+    def __init__(self, specs: list[ModelSpec], router: ModelRouter, gate: Gate,
+                 metrics: IngressMetrics | None = None) -> None:
+        self.specs = {s.id: s for s in specs}
+        self.router = router
+        self.gate = gate
+        self.metrics = metrics or NullMetrics()
+
+    def spec(self, model: str) -> ModelSpec:
+        try:
+            return self.specs[model]
+        except KeyError:
+            raise ModelNotFound(model) from None
+
+    async def create(self, req: ChatRequest, api_key: str | None) -> ChatResponse | ChatStream:
+        try:
+            spec = self.spec(req.model)
+        except ClusterError as e:
+            await self.gate.record_rejection(api_key=api_key, user=req.user, model=req.model,
+                                             reason=e.code)
+            self.metrics.rejected(req.model, e)
+            raise
+        reserve = req.estimated_prompt_tokens() + (req.output_limit or spec.default_max_tokens)
+        try:
+            admission = await self.gate.admit(api_key=api_key, user=req.user, model=spec,
+                                              reserve_tokens=reserve)
+        except ClusterError as e:
+            self.metrics.rejected(spec.id, e)
+            raise
+        self.metrics.ongoing(spec.id, 1)  # -1 in _settle, which every path reaches
+        if req.stream:
+            return await self._stream(req, spec, admission)
+        return await self._complete(req, spec, admission)
+
+    async def _complete(self, req: ChatRequest, spec: ModelSpec,
+                        admission: Admission) -> ChatResponse:
+        tally = _Tally()
+        try:
+            reply = await self.router.chat(spec.id, req.engine_payload())
+            if isinstance(reply, Rejected):
+                raise reply.to_error(spec.id)
+            body = reply.body
+            tally.mark_first_byte()
+            tally.usage = body.get("usage")
+            body["usage"] = self._priced(spec, tally.usage)
+            tally.outcome = Outcome.ok
+            return ChatResponse(body, admission.rate)
+        except Exception as e:
+            raise tally.failed(_as_error(spec.id, e)) from e
+        finally:
+            await self._settle(req, spec, admission, tally)
+
+    async def _stream(self, req: ChatRequest, spec: ModelSpec,
+                      admission: Admission) -> ChatStream:
+        tally = _Tally()
+        items = self.router.stream(spec.id, req.engine_payload())
+        try:
+            first = await anext(items)
+            if isinstance(first, Rejected):
+                raise first.to_error(spec.id)
+        except Exception as e:
+            error = tally.failed(_as_error(spec.id, e))
+            await self._settle(req, spec, admission, tally)
+            raise error from e
+
+        async def unstarted() -> None:  # a no-op when the body ran: it settled itself
+            if not tally.settled:
+                await close(items)  # cancels the generation in the replica
+                await self._settle(req, spec, admission, tally)
+
+        return ChatStream(self._events(req, spec, admission, items, tally), admission.rate,
+                          unstarted)
+
+    async def _events(self, req: ChatRequest, spec: ModelSpec, admission: Admission,
+                      items: AsyncIterator[StreamItem], tally: _Tally,
+                      ) -> AsyncIterator[bytes | ClusterError]:
+        failed = False
+        coalesced = coalesce(items)
+        try:
+            async for received in coalesced:
+                batches = [b for b in received if isinstance(b, StreamBatch)]
+                failed = failed or any(b.failed for b in batches)
+                if data := self._frame(req, spec, batches, tally):
+                    tally.mark_first_byte()
+                    yield data.encode()
+            yield DONE
+            tally.outcome = Outcome.error if failed else Outcome.ok
+        except Exception as e:  # the replica died mid-stream: tell the client, then end
+            tally.outcome = Outcome.error
+            yield _as_error(spec.id, e, streaming=True)
+            yield DONE
+        finally:
+            # Settled here, before the body's last byte, so the client's next request sees
+            # it; the response settles only a body that never started.
+            with anyio.CancelScope(shield=True):  # settle even when the client left
+                await close(coalesced)  # closes items: cancels the replica's stream
+                await self._settle(req, spec, admission, tally)
+
+    def _frame(self, req: ChatRequest, spec: ModelSpec, batches: list[StreamBatch],
+               tally: _Tally) -> str:
+        """The SSE text of some replica batches, counted, with the usage chunk priced."""
+        data = "".join(b.data for b in batches)
+        for b in batches:
+            tally.chunks += b.chunks
+            if b.usage_chunk is None:
+                continue
+            tally.usage = b.usage_chunk["usage"]
+            if req.wants_usage_chunk:
+                chunk = b.usage_chunk | {"usage": self._priced(spec, tally.usage)}
+                data += f"data: {json.dumps(chunk, separators=COMPACT)}\n\n"
+        return data
+
+    def _priced(self, spec: ModelSpec, usage: Mapping[str, Any] | None) -> dict[str, Any]:
+        usage = dict(usage or {})
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "estimated_cost": spec.pricing.cost(prompt, completion)}
+
+    async def _settle(self, req: ChatRequest, spec: ModelSpec, admission: Admission,
+                      tally: _Tally) -> None:
+        if tally.settled:
+            return
+        tally.settled = True
+        if tally.usage is None and tally.outcome is Outcome.disconnected:
+            # The engine never reported: charge the estimate and what was delivered.
+            tally.usage = {"prompt_tokens": req.estimated_prompt_tokens(),
+                           "completion_tokens": tally.chunks}
+        priced = self._priced(spec, tally.usage)
+        usage = Usage(priced["prompt_tokens"], priced["completion_tokens"],
+                      priced["estimated_cost"])
+        try:
+            await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))
+        finally:  # even when cancelled while waiting for the shielded settlement
+            self._record(req, spec, tally, usage)
+
+    def _record(self, req: ChatRequest, spec: ModelSpec, tally: _Tally, usage: Usage) -> None:
+        self.metrics.ongoing(spec.id, -1)
+        now = time.perf_counter()
+        self.metrics.finished(RequestRecord(
+            model=spec.id, error=tally.error, outcome=tally.outcome.value, stream=req.stream,
+            e2e_s=now - tally.started,
+            ttft_s=None if tally.first_byte is None else tally.first_byte - tally.started,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            estimated_cost=usage.estimated_cost))

@@ -1,0 +1,227 @@
+"""``cluster keys|users|spend``: operate keys, users and spend in Redis directly.
+
+Every command takes ``--redis-url`` (or ``CLUSTER_REDIS_URL``). A created key is printed
+once; Redis keeps only its hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from cluster.api.errors import status_of
+from cluster.config.settings import Settings
+from cluster.errors import ClusterError
+from cluster.gate.abuse import AbuseStore
+from cluster.gate.keys import LIMIT_FIELDS, KeyLimits, KeyRecord, KeyStore
+from cluster.gate.spend import SpendStore
+from cluster.gate.store import make_client, store_errors
+
+T = TypeVar("T")
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list, revoke, limit, block API keys.")
+users_app = typer.Typer(no_args_is_help=True, help="Top and flagged users; block users.")
+spend_app = typer.Typer(help="Spend per key and day.")
+console = Console()
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="CLUSTER_REDIS_URL",
+                                              help="Redis URL.")]
+KeyId = Annotated[str, typer.Argument(help="The key id (key_...), never the secret.")]
+Rpm = Annotated[int | None, typer.Option(help="Requests per minute (0: no limit).")]
+Tpm = Annotated[int | None, typer.Option(help="Tokens per minute (0: no limit).")]
+Conc = Annotated[int | None, typer.Option(help="Concurrent requests (0: no limit).")]
+URpm = Annotated[int | None, typer.Option(help="Requests per minute per user.")]
+UTpm = Annotated[int | None, typer.Option(help="Tokens per minute per user.")]
+Models = Annotated[list[str] | None, typer.Option("--model", help="Allowed model (repeat).")]
+
+
+def run(redis_url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run ``work`` with a client; turn store errors into a message and exit code 1."""
+    url = redis_url or Settings().redis_url
+    if not url:
+        _fail("no Redis: pass --redis-url or set CLUSTER_REDIS_URL")
+    found: str = url
+
+    async def main() -> T:
+        client = make_client(found, timeout=5.0)
+        try:
+            with store_errors():
+                return await work(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(main())
+    except ClusterError as e:  # the admin API would answer the same status and code
+        _fail(f"{e.message} ({status_of(e)} {e.code})")
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _limit(value: int | None, default: str) -> str:
+    if value is None:
+        return default
+    return "none" if value == 0 else str(value)
+
+
+def key_table(records: list[KeyRecord]) -> Table:
+    table = Table("key_id", "name", "status", "rpm", "tpm", "concurrent", "user rpm",
+                  "user tpm", "models")
+    for r in records:
+        status = "revoked" if r.revoked else "blocked" if r.blocked else "active"
+        lim = r.limits
+        table.add_row(r.key_id, r.name, status, _limit(lim.rpm, "default"),
+                      _limit(lim.tpm, "default"), _limit(lim.max_concurrent, "default"),
+                      _limit(lim.user_rpm, "-"), _limit(lim.user_tpm, "-"),
+                      ",".join(r.models) if r.models else "all")
+    return table
+
+
+def model_table(rows: list[BaseModel], columns: list[str]) -> Table:
+    table = Table(*columns)
+    for row in rows:
+        data = row.model_dump()
+        table.add_row(*(str(data[c]) if data[c] != "" else "(none)" for c in columns))
+    return table
+
+
+@keys_app.command("create")
+def create_key(name: str, redis_url: RedisUrl = None, rpm: Rpm = None, tpm: Tpm = None,
+               max_concurrent: Conc = None, user_rpm: URpm = None, user_tpm: UTpm = None,
+               model: Models = None) -> None:
+    """Create a key; its secret is printed once."""
+    limits = KeyLimits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, user_rpm=user_rpm,
+                       user_tpm=user_tpm)
+    created = run(redis_url, lambda r: KeyStore(r).create(name, limits, model or None))
+    console.print(key_table([created.record]))
+    console.print("API key (shown once, store it now):")
+    print(created.secret)
+
+
+@keys_app.command("list")
+def list_keys(redis_url: RedisUrl = None,
+              active: Annotated[bool, typer.Option(help="Hide revoked keys.")] = False) -> None:
+    """List keys (ids, names, limits; never secrets)."""
+    console.print(key_table(run(redis_url, lambda r: KeyStore(r).list_keys(not active))))
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
+    """Revoke a key: 401 on every replica from its next request."""
+    console.print(key_table([run(redis_url, lambda r: KeyStore(r).revoke(key_id))]))
+
+
+@keys_app.command("limits")
+def set_limits(key_id: KeyId, redis_url: RedisUrl = None, rpm: Rpm = None, tpm: Tpm = None,
+               max_concurrent: Conc = None, user_rpm: URpm = None, user_tpm: UTpm = None,
+               model: Models = None,
+               all_models: Annotated[bool, typer.Option(help="Allow every model.")] = False,
+               clear: Annotated[list[str] | None, typer.Option(
+                   help=f"Back to the default: {', '.join(LIMIT_FIELDS)} (repeat).")] = None,
+               ) -> None:
+    """Set a key's limits and allowed models."""
+    limits = KeyLimits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, user_rpm=user_rpm,
+                       user_tpm=user_tpm)
+    bad = set(clear or ()) - set(LIMIT_FIELDS)
+    if bad:
+        _fail(f"--clear takes {', '.join(LIMIT_FIELDS)}; not {', '.join(sorted(bad))}")
+    record = run(redis_url, lambda r: KeyStore(r).set_limits(
+        key_id, limits, clear=clear or (), models=model or None, all_models=all_models))
+    console.print(key_table([record]))
+
+
+@keys_app.command("block")
+def block_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
+    """Block a key: 403 key_blocked until unblocked."""
+    console.print(key_table([run(redis_url, lambda r: KeyStore(r).set_blocked(key_id, True))]))
+
+
+@keys_app.command("unblock")
+def unblock_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
+    """Unblock a key."""
+    console.print(key_table([run(redis_url,
+                                 lambda r: KeyStore(r).set_blocked(key_id, False))]))
+
+
+def _abuse(r: Redis) -> AbuseStore:
+    return AbuseStore(r, Settings().abuse)
+
+
+@users_app.command("top")
+def top_users(key_id: KeyId, redis_url: RedisUrl = None,
+              minutes: Annotated[int, typer.Option(min=1)] = 60,
+              by: Annotated[str, typer.Option(help="tokens|requests|rejected|errors")] = "tokens",
+              limit: Annotated[int, typer.Option(min=1)] = 10) -> None:
+    """The key's top users over the last MINUTES."""
+    rows = run(redis_url, lambda r: _abuse(r).top_users(key_id, minutes, by, limit))
+    console.print(model_table(list(rows), ["user", "requests", "tokens", "rejected",
+                                           "rate_limited", "errors", "disconnected",
+                                           "max_length"]))
+
+
+@users_app.command("flagged")
+def flagged_users(redis_url: RedisUrl = None,
+                  key: Annotated[str | None, typer.Option(help="Only this key id.")] = None
+                  ) -> None:
+    """Users that break an abuse rule now, with the rule."""
+    rows = run(redis_url, lambda r: _abuse(r).flagged(key))
+    console.print(model_table(list(rows), ["key_id", "user", "rule", "detail"]))
+
+
+async def _block_user(r: Redis, key_id: str, user: str) -> None:
+    await KeyStore(r).get(key_id)  # refuse unknown key ids
+    await _abuse(r).block_user(key_id, user)
+
+
+@users_app.command("block")
+def block_user(key_id: KeyId, user: str, redis_url: RedisUrl = None) -> None:
+    """Block USER of a key: 403 user_blocked from the next request."""
+    run(redis_url, lambda r: _block_user(r, key_id, user))
+    console.print(f"blocked user {user!r} of {key_id}")
+
+
+@users_app.command("unblock")
+def unblock_user(key_id: KeyId, user: str, redis_url: RedisUrl = None) -> None:
+    """Unblock USER of a key."""
+    was = run(redis_url, lambda r: _abuse(r).unblock_user(key_id, user))
+    console.print(f"unblocked user {user!r} of {key_id}" if was else f"{user!r} was not blocked")
+
+
+@users_app.command("blocked")
+def blocked_users(key_id: KeyId, redis_url: RedisUrl = None) -> None:
+    """The blocked users of a key."""
+    for user in run(redis_url, lambda r: _abuse(r).blocked_users(key_id)):
+        print(user)
+
+
+@spend_app.callback(invoke_without_command=True)
+def spend(redis_url: RedisUrl = None,
+          key: Annotated[str | None, typer.Option(help="Only this key id.")] = None,
+          days: Annotated[int, typer.Option(min=1)] = 7) -> None:
+    """Requests, tokens and estimated cost per key and UTC day."""
+    rows = run(redis_url, lambda r: SpendStore(r).spend(key, days))
+    table = model_table(list(rows), ["key_id", "date", "requests", "prompt_tokens",
+                                     "completion_tokens", "cost", "errors", "disconnected"])
+    table.add_section()
+    table.add_row("total", "", str(sum(r.requests for r in rows)),
+                  str(sum(r.prompt_tokens for r in rows)),
+                  str(sum(r.completion_tokens for r in rows)),
+                  f"{sum(r.cost for r in rows):.6f}", "", "")
+    console.print(table)
+
+
+def mount(app: typer.Typer) -> None:
+    """Add ``keys``, ``users`` and ``spend`` to the main CLI."""
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(users_app, name="users")
+    app.add_typer(spend_app, name="spend")

@@ -1,0 +1,93 @@
+"""``cluster up``: prepare the local models, start the stack, print how to call it, and stop
+everything cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+from rich.console import Console
+
+from cluster.config.catalog import ModelSpec, load_catalog
+from cluster.config.settings import Settings
+from cluster.tools.stack import LocalStack, pick_port
+
+console = Console()
+
+
+def _step(message: str) -> None:
+    console.print(f"[bold cyan]>[/] {message}")
+
+
+def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
+    """Build local checkpoints now, with progress, instead of silently inside a replica."""
+    from cluster.tools.builtin_models import ensure_builtin
+
+    for spec in specs:
+        if spec.source.builtin:
+            with console.status(f"Preparing {spec.id} (first run: download + convert, ~1 min)"):
+                path = ensure_builtin(spec.source.builtin, settings.cache_dir, progress=_step)
+            _step(f"{spec.id} ready at {path}")
+
+
+def create_dev_key(redis_url: str) -> str:
+    """A fresh key for this session, so the snippet below works as printed."""
+    from cluster.gate.keys import create_key_now
+
+    return create_key_now(redis_url, "local-dev").secret
+
+
+def snippet(base_url: str, key: str, model: str) -> str:
+    return f"""[bold]Base URL[/]  {base_url}/v1/openai   (also {base_url}/v1)
+[bold]API key[/]   {key}
+
+curl {base_url}/v1/openai/chat/completions \\
+  -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+  -d '{{"model": "{model}", "temperature": 0,
+       "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base_url}/v1/openai", api_key="{key}")
+# temperature 0: a 135M model answers best greedily
+stream = client.chat.completions.create(model="{model}", stream=True, temperature=0,
+    messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
+print()
+PY"""
+
+
+def run_up(settings: Settings) -> None:
+    started = time.monotonic()
+    specs = load_catalog(settings.deployments_dir, settings.profile)
+    _step(f"Profile '{settings.profile}': serving {', '.join(s.id for s in specs)}")
+    prepare_models(specs, settings)
+    stack = LocalStack(specs, settings, port=pick_port(settings.port))
+    stop = threading.Event()
+    try:
+        stack.start(progress=_step)
+        _install_signal_handlers(stop)  # after ray.init, which replaces SIGTERM's handler
+        with console.status("Waiting for every model to have a running replica"):
+            stack.wait_healthy()
+        assert stack.redis_url is not None
+        key = create_dev_key(stack.redis_url)
+        console.rule(f"Ready in {time.monotonic() - started:.0f} s")
+        console.print(snippet(stack.base_url, key, specs[0].id), soft_wrap=True,
+                      highlight=False)
+        console.rule("Ctrl-C stops everything")
+        stop.wait()
+    finally:
+        with console.status("Stopping Serve, Ray and Redis"):
+            stack.stop()
+        _step("Stopped.")
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
