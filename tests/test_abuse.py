@@ -44,7 +44,7 @@ async def test_rules_flag_the_right_users(redis_url: str) -> None:
 
         await send(gate, key, "spiky", 4)  # 4 requests, no history: under the minimum
         assert await abuse.flagged(key_id) == []
-        await gate.record_rejection(api_key=key, user="spiky", model="m", reason="400")
+        await gate.record_rejection(api_key=key, user="spiky", model="m", reason="invalid_value")
         await keys.set_limits(key_id, KeyLimits(), clear=["user_rpm"])
         await send(gate, key, "spiky", 4)  # 8 in 2 min vs a baseline of 0: a burst
         await send(gate, key, "steady", 8)  # 8 in 2 min vs 10/min before: normal

@@ -302,7 +302,7 @@ async def test_a_400_counts_against_the_key_and_user(client: httpx.AsyncClient,
                           headers={"Authorization": "Bearer sk-abc",
                                    "content-type": "application/json"})
     assert r.status_code == 400
-    assert gate.rejections == [("sk-abc", "eve", "400"), ("sk-abc", None, "400")]
+    assert gate.rejections == [("sk-abc", "eve", "invalid_value"), ("sk-abc", None, "invalid_json")]
     assert gate.settled == []  # refused before admission: nothing to settle
 
 

@@ -287,12 +287,13 @@ async def test_rejections_are_counted_for_abuse_monitoring(
     created = await keys.create("k", KeyLimits(rpm=1))
     await admit(gate, created.secret, user="u")
     await refused(gate, created.secret, user="u")  # 429
-    await gate.record_rejection(api_key=created.secret, user="u", model=MODEL_A, reason="400")
+    await gate.record_rejection(api_key=created.secret, user="u", model=MODEL_A,
+                                reason="invalid_value")
     await gate.record_rejection(api_key="sk-unknown-key-000000", user="u", model=MODEL_A,
-                                reason="400")  # unknown: not charged to anyone
+                                reason="invalid_value")  # unknown: not charged to anyone
     act = (await AbuseStore(gate.redis, keys=names).activity(created.record.key_id, 5))["u"]
     assert (act.requests, act.rejected, act.rate_limited) == (1, 2, 1)
-    assert act.other_rejections == {"400": 1}
+    assert act.other_rejections == {"invalid_value": 1}
 
 
 async def test_redis_holds_only_a_hash_of_each_key(gate: RedisGate, keys: KeyStore,

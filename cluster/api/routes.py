@@ -79,7 +79,7 @@ def create_app(service: ChatService, extra_routers: list[APIRouter] | None = Non
         """A 400 still counts against the key and user, for abuse monitoring."""
         await service.gate.record_rejection(
             api_key=bearer_key(request.headers.get("authorization")),
-            user=_user_field(await request.body()), model="", reason="400")
+            user=_user_field(await request.body()), model="", reason=error.code)
         service.metrics.rejected("", error)
 
     install_error_handlers(app, on_invalid=invalid)

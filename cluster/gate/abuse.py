@@ -2,9 +2,10 @@
 
 The admission and settlement scripts count, per key and per minute, in one hash
 ``{prefix}ab:{key_id}:{minute}`` (kept ``retention_minutes``) with fields ``{user}|{metric}``:
-``req`` (admitted), ``tok`` (real tokens), ``rej`` and ``rej:{reason}`` (refused: 429, 403,
-or what the ingress reports, e.g. 400), ``error`` and ``disconnected`` (outcomes), and
-``maxlen`` (prompt + max_tokens at least ``maxlen_fraction`` of the model's context).
+``req`` (admitted), ``tok`` (real tokens), ``rej`` and ``rej:{reason}`` (refused:
+``rate_limited``, ``forbidden``, or the error code the ingress reports, e.g.
+``invalid_value``), ``error`` and ``disconnected`` (outcomes), and ``maxlen`` (prompt +
+max_tokens at least ``maxlen_fraction`` of the model's context).
 
 Rules (:class:`cluster.config.settings.AbuseRules`) are evaluated when an operator asks, so they
 cost nothing on the request path:
@@ -48,8 +49,9 @@ class UserActivity(BaseModel):
     other_rejections: dict[str, int] = {}
 
     def add(self, metric: str, value: int) -> None:
-        field = {"req": "requests", "tok": "tokens", "rej": "rejected", "rej:429": "rate_limited",
-                 "rej:403": "forbidden", "error": "errors", "disconnected": "disconnected",
+        field = {"req": "requests", "tok": "tokens", "rej": "rejected",
+                 "rej:rate_limited": "rate_limited", "rej:forbidden": "forbidden",
+                 "error": "errors", "disconnected": "disconnected",
                  "maxlen": "max_length"}.get(metric)
         if field:
             setattr(self, field, getattr(self, field) + value)

@@ -90,7 +90,7 @@ else
   end
   if rec[2] == '1' then return refuse('revoked', 'key') end
   if rec[3] == '1' then
-    bump({'rej', 'rej:403'})
+    bump({'rej', 'rej:forbidden'})
     return refuse('key_blocked', 'key')
   end
   rpm, tpm, conc = num(rec[4], req.default_rpm), num(rec[5], req.default_tpm),
@@ -98,11 +98,11 @@ else
   urpm, utpm, models = num(rec[7], 0), num(rec[8], 0), rec[9] or ''
 end
 if user ~= '' and redis.call('SISMEMBER', K.blocked_users, user) == 1 then
-  bump({'rej', 'rej:403'})
+  bump({'rej', 'rej:forbidden'})
   return refuse('user_blocked', 'user')
 end
 if models ~= '' and not string.find(models, ',' .. model .. ',', 1, true) then
-  bump({'rej', 'rej:403'})
+  bump({'rej', 'rej:forbidden'})
   return refuse('model_not_allowed', 'key')
 end
 
@@ -159,15 +159,15 @@ end
 -- 3. limits; nothing is written unless every check passes
 local function check_scope(s)
   if s[4] > 0 and s[7] + 1 > s[4] then
-    bump({'rej', 'rej:429'})
+    bump({'rej', 'rej:rate_limited'})
     return refuse('requests', s[1], s[4], s[7], expiry_of_rank(s[2], s[7] - s[4]))
   end
   if s[5] > 0 and reserve > s[5] then
-    bump({'rej', 'rej:429'})
+    bump({'rej', 'rej:rate_limited'})
     return refuse('too_large', s[1], s[5], s[8], 1000)  -- waiting cannot help
   end
   if s[5] > 0 and s[8] + reserve > s[5] then
-    bump({'rej', 'rej:429'})
+    bump({'rej', 'rej:rate_limited'})
     return refuse('tokens', s[1], s[5], s[8], token_retry(s[2], s[3], s[8], s[5], reserve))
   end
   return nil
@@ -181,7 +181,7 @@ if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', K.slots, '-inf', now)  -- leases of vanished requests
   local running = redis.call('ZCARD', K.slots)
   if running >= conc then
-    bump({'rej', 'rej:429'})
+    bump({'rej', 'rej:rate_limited'})
     return refuse('concurrency', 'key', conc, running, 1000)
   end
 end
