@@ -52,7 +52,7 @@ def chat(**fields: Any) -> dict[str, Any]:
         | fields
 
 
-async def test_plain_completion_has_seed_shape_and_cost(client: httpx.AsyncClient,
+async def test_plain_completion_has_openai_shape_and_cost(client: httpx.AsyncClient,
                                                         gate: RecordingGate) -> None:
     r = await client.post("/v1/openai/chat/completions", json=chat())
     assert r.status_code == 200, r.text
