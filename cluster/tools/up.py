@@ -22,14 +22,12 @@ def _step(message: str) -> None:
 
 
 def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
-    """Build local checkpoints now, with progress, instead of silently inside a replica."""
-    from cluster.tools.builtin_models import ensure_builtin
+    """Build the built-in checkpoints now, with progress (replicas never build them)."""
+    from cluster.tools import builtin_models
 
-    for spec in specs:
-        if spec.source.builtin:
-            with console.status(f"Preparing {spec.id} (first run: download + convert, ~1 min)"):
-                path = ensure_builtin(spec.source.builtin, settings.cache_dir, progress=_step)
-            _step(f"{spec.id} ready at {path}")
+    with console.status("Preparing the built-in models (first run: download + convert, "
+                        "~1 min)"):
+        builtin_models.prepare_models(specs, settings.cache_dir, progress=_step)
 
 
 def create_dev_key(redis_url: str) -> str:
