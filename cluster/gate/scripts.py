@@ -10,7 +10,7 @@ the same :class:`Decision`, so the two can be compared on the same inputs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
@@ -84,7 +84,8 @@ class AdmitCall:
     max_length: bool
     now_ms: int | None = None  # tests only: otherwise Redis's clock
 
-    def _key_names(self) -> dict[str, str]:
+    def key_names(self) -> dict[str, str]:
+        """Every Redis key the script touches, by its role in the script."""
         k = self.keys
         names = {"record": k.record(self.key_id), "blocked_users": k.blocked_users(self.key_id),
                  "slots": k.slots(self.key_id)}
@@ -93,14 +94,10 @@ class AdmitCall:
             names |= {f"{kind}_log": log, f"{kind}_tokens": tokens}
         return names
 
-    def script_keys(self) -> list[str]:
-        return list(self._key_names().values())
-
-    def argument(self) -> str:
-        fields = {f: getattr(self, f) for f in (
-            "digest", "user", "model", "reserve", "slot_id", "default_rpm", "default_tpm",
-            "default_max_concurrent", "model_tpm", "lease_ms", "abuse_ttl_s", "max_length")}
-        fields |= {"keys": self._key_names(), "window_ms": WINDOW_MS,
+    def argument(self, key_names: dict[str, str]) -> str:
+        fields = dict(vars(self))  # the fields, as named (cheaper than dataclasses.asdict)
+        del fields["keys"], fields["key_id"], fields["now_ms"]
+        fields |= {"keys": key_names, "window_ms": WINDOW_MS,
                    "anonymous": not self.digest,
                    "abuse_prefix": self.keys.abuse_prefix(self.key_id),
                    "auth_failures_prefix": self.keys.auth_failures()}
@@ -111,19 +108,14 @@ class AdmitCall:
 
 def decode_admit(reply: str, key_id: str) -> tuple[Decision, KnownKey | None]:
     """admit.lua's reply: the decision, and what it says of the key (None: unknown key)."""
-    r = json.loads(reply)
-    rate = RateLimitState(**{k: int(v) for k, v in r["rate"].items()})
-    decision = Decision(str(r["code"]), str(r["scope"]), int(r["limit"]), int(r["used"]),
-                        int(r["retry_ms"]), rate, int(r["scope_bits"]))
+    r = json.loads(reply)  # cjson writes whole numbers as JSON integers
+    decision = Decision(r["code"], r["scope"], r["limit"], r["used"], r["retry_ms"],
+                        RateLimitState(**r["rate"]), r["scope_bits"])
     if decision.code == "invalid_api_key":
         return decision, None
     if decision.code in ("revoked", "key_blocked"):
         return decision, KnownKey(key_id, decision.code)
-    key = r["key"]
-    return decision, KnownKey(key_id, rpm=int(key["rpm"]), tpm=int(key["tpm"]),
-                              max_concurrent=int(key["max_concurrent"]),
-                              user_rpm=int(key["user_rpm"]), user_tpm=int(key["user_tpm"]),
-                              models=str(key["models"] or ""))
+    return decision, KnownKey(key_id, **r["key"])
 
 
 @dataclass(frozen=True)
@@ -146,8 +138,7 @@ class SettleCall:
         return [self.slots, *(name for pair in self.windows for name in pair)]
 
     def argument(self) -> str:
-        fields: dict[str, Any] = asdict(self)
-        fields["windows"] = [list(w) for w in self.windows]
+        fields: dict[str, Any] = dict(vars(self))
         fields["cost"] = f"{float(self.cost):.10f}"  # HINCRBYFLOAT takes the exact decimal
         return json.dumps(fields, separators=COMPACT)
 
@@ -163,7 +154,7 @@ class RejectCall:
     auth_failures_prefix: str
 
     def argument(self) -> str:
-        return json.dumps(asdict(self), separators=COMPACT)
+        return json.dumps(vars(self), separators=COMPACT)
 
 
 @dataclass
@@ -178,7 +169,9 @@ class Scripts:
             self._scripts[name] = self.redis.register_script(lua(f"{name}.lua"))
 
     async def admit(self, call: AdmitCall) -> tuple[Decision, KnownKey | None]:
-        reply = await self._scripts["admit"](keys=call.script_keys(), args=[call.argument()])
+        names = call.key_names()
+        reply = await self._scripts["admit"](keys=list(names.values()),
+                                             args=[call.argument(names)])
         return decode_admit(reply, call.key_id)
 
     async def settle(self, call: SettleCall) -> int:
