@@ -162,6 +162,8 @@ BOUNDARIES: list[tuple[str, Any, Any]] = [
     ("frequency_penalty", [-2, 2], [-2.01, 2.01]),
     ("repetition_penalty", [0.01, 5], [0.009, 5.01]),
     ("seed", [0, 2**63 - 1], [-1, 2**63]),
+    ("min_tokens", [0, 3], [-1, 1_000_001]),
+    ("priority", [-(2**63), 2**63 - 1], [-(2**63) - 1, 2**63]),
 ]
 
 
@@ -194,6 +196,11 @@ async def test_ranges(client: httpx.AsyncClient, field: str, ok: list[Any],
     (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
     (chat(stream_options={"include_usage": True}), None),
     (chat(unknown_field=1), "unknown_field"),
+    (chat(min_tokens=5, max_tokens=4), "min_tokens"),
+    (chat(stop_token_ids=[-1]), "stop_token_ids[0]"),
+    (chat(structured_outputs={"choice": ["a"], "regex": "a"}), "structured_outputs"),
+    (chat(structured_outputs={"choice": []}), "structured_outputs.choice"),
+    (chat(structured_outputs={"unknown": 1}), "structured_outputs.unknown"),
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
 ])
 async def test_bad_requests_are_400_with_param(client: httpx.AsyncClient,
@@ -205,6 +212,19 @@ async def test_bad_requests_are_400_with_param(client: httpx.AsyncClient,
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error"
     assert err["param"] == param
+
+
+async def test_vllm_extra_fields_reach_the_engine(client: httpx.AsyncClient,
+                                                  router: LocalRouter) -> None:
+    extra = {"ignore_eos": True, "min_tokens": 2, "stop_token_ids": [7],
+             "skip_special_tokens": False, "include_stop_str_in_output": True,
+             "spaces_between_special_tokens": False, "priority": 0,
+             "chat_template_kwargs": {"enable_thinking": False},
+             "structured_outputs": {"json": {"type": "object"}}}
+    r = await client.post("/v1/chat/completions", json=chat(max_tokens=4, **extra))
+    assert r.status_code == 200, r.text
+    sent = router.engine(MODEL).last_payload
+    assert {k: sent[k] for k in extra} == extra  # as given: the engine applies them
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_SEED = 2**63 - 1
 MAX_USER_LENGTH = 256  # longer `user` values are a 400
@@ -101,6 +108,33 @@ class ResponseFormat(_Model):
     json_schema: dict[str, Any] | None = None
 
 
+class StructuredOutputs(_Model):
+    """vLLM's constrained decoding: exactly one of the constraints, plus its options."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # EBNF
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputs:
+        given = [k for k, v in self.model_dump(by_alias=True).items()
+                 if k in CONSTRAINTS and v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(CONSTRAINTS)}")
+        return self
+
+
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 class ChatCompletionRequest(_Model):
     """`POST /v1/openai/chat/completions`, with the ranges of the API's parameter table."""
 
@@ -128,6 +162,18 @@ class ChatCompletionRequest(_Model):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool | None = None
+    # vLLM's extra fields (its OpenAI dialect, which vLLM's own clients such as
+    # `vllm bench serve` send); validated here, applied by the engine.
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=1_000_000)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_SEQUENCES)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    priority: int = Field(0, ge=-MAX_SEED - 1, le=MAX_SEED)  # needs priority scheduling
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -137,6 +183,15 @@ class ChatCompletionRequest(_Model):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        return v
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, v: int, info: ValidationInfo) -> int:
+        limits = [info.data.get(k) for k in ("max_completion_tokens", "max_tokens")]
+        limit = next((x for x in limits if x is not None), None)
+        if limit is not None and v > limit:
+            raise ValueError(f"min_tokens ({v}) must not exceed max_tokens ({limit})")
         return v
 
     @field_validator("tool_choice", mode="before")
@@ -168,7 +223,7 @@ class ChatCompletionRequest(_Model):
     def engine_payload(self) -> dict[str, Any]:
         """What the engine gets: the fields the client set, plus the API's sampling
         defaults spelled out, so a model's own generation config cannot change them."""
-        payload = self.model_dump(exclude_unset=True, exclude_none=True)
+        payload = self.model_dump(exclude_unset=True, exclude_none=True, by_alias=True)
         payload |= {k: getattr(self, k) for k in SAMPLING_DEFAULTS if k not in payload}
         payload["messages"] = [m.model_dump(exclude_none=True) for m in self.messages]
         return payload
