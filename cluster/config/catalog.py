@@ -74,6 +74,9 @@ class Engine(_Strict):
     max_num_seqs: int = Field(256, ge=1)
     tool_call_parser: str | None = None
     chat_template: str | None = None  # a Jinja template, for models shipped without one
+    # OpenMP threads of a CPU engine (OMP_NUM_THREADS of its replica). Unset, Ray derives it
+    # from resources.num_cpus (1 for a fractional CPU), which starves a CPU engine.
+    cpu_threads: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

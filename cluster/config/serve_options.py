@@ -25,6 +25,8 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
         actor["accelerator_type"] = res.accelerator_type
     if res.memory_gib:
         actor["memory"] = int(res.memory_gib * 1024**3)
+    if spec.engine.cpu_threads:
+        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(spec.engine.cpu_threads)}}
     auto = spec.autoscaling
     autoscaling: dict[str, Any] = {
         "min_replicas": auto.min_replicas,

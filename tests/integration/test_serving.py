@@ -177,3 +177,17 @@ def test_disconnect_aborts_generation_within_a_second(stack: LocalStack,
     waited = time.monotonic() - left
     assert replica.unfinished_requests.remote().result() == 0
     assert waited < 1.0, f"the engine kept generating {waited:.2f} s after the client left"
+
+
+def test_a_cpu_engine_gets_the_threads_its_model_file_asks_for(stack: LocalStack) -> None:
+    """Ray would give a 0.5-CPU replica OMP_NUM_THREADS=1; the file asks for 2."""
+    import psutil
+
+    smol = next(s for s in stack.specs if s.id == SMOL)
+    assert smol.engine.cpu_threads == 2
+    # Ray titles each replica's process ray::ServeReplica:<app>:<deployment>
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if any(smol.deployment_name in part for part in p.info["cmdline"] or [])]
+    assert replicas
+    for proc in replicas:
+        assert proc.environ().get("OMP_NUM_THREADS") == "2", proc.info["cmdline"]
