@@ -1,4 +1,5 @@
-"""The benchmark as CI runs it: a short smoke run, this stack next to vLLM's own server."""
+"""The benchmark as CI runs it: a short smoke run, this stack next to vLLM's own server,
+both measured with vLLM's own client."""
 
 from __future__ import annotations
 
@@ -8,29 +9,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from cluster.tools.checkout import REPO_ROOT
-from cluster.tools.redis_server import free_port
 from cluster.tools.stack import LocalStack
 from tests.integration.conftest import TINY_A
 
 
-def test_bench_smoke_side_by_side(stack: LocalStack, api_key: str, tiny_model: Path,
-                                  tmp_path: Path) -> None:
+@pytest.mark.timeout(600)
+def test_bench_smoke_side_by_side(stack: LocalStack, api_key: str, tmp_path: Path) -> None:
+    spec = next(s for s in stack.specs if s.id == TINY_A)
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
     out = tmp_path / "bench"
     run = subprocess.run(
         [sys.executable, str(REPO_ROOT / "ops" / "bench" / "bench.py"), "--smoke",
-         "--target", f"cluster={stack.base_url}/v1", "--key", "cluster=env:BENCH_KEY",
-         "--model", TINY_A, "--spawn-vllm", f"{tiny_model}:{free_port()}",
-         "--spawn-max-model-len", "1024", "--out", str(out)],
-        env=os.environ | {"BENCH_KEY": api_key}, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+         "--spec", str(spec_file), "--stack-url", stack.base_url,
+         "--api-key", "env:BENCH_KEY", "--out", str(out)],
+        env=os.environ | {"BENCH_KEY": api_key}, capture_output=True, text=True, timeout=580)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     [result] = list(out.glob("bench-*.json"))
     data = json.loads(result.read_text())
-    assert set(data["results"]) == {"cluster", "vllm"}
-    for levels in data["results"].values():
-        [level] = levels  # --smoke: one concurrency level
-        assert level["ok"] == level["requests"] == 2 and level["errors"] == 0
-        assert level["ttft_p50_ms"] > 0 and level["output_tokens"] > 0
-    assert data["ratios"]
+    summaries = {s["target"]: s for s in data["summaries"]}
+    assert set(summaries) == {"stack", "vllm"}
+    for s in summaries.values():
+        assert s["failed"] == 0 and s["output_tok_s"] > 0 and s["ttft_p50_ms"] > 0
+        assert s["cpu_per_1k_total_s"] > 0  # both targets' processes were found
+    assert [r["concurrency"] for r in data["ratios"]] == [1]
     assert list(out.glob("bench-*.png"))
-    assert "TTFT" in run.stdout
+    assert "stack / vLLM" in run.stdout
