@@ -51,7 +51,8 @@ serve.main(p.parse_args(sys.argv[1:]))
 """
 # The processes of a local stack, by what their command lines contain.
 STACK_MARKERS = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private",
-                 "ray/autoscaler", "default_worker.py", "valkey-server", "redis-server")
+                 "ray/autoscaler", "default_worker.py", "valkey-server", "redis-server",
+                 "haproxy")
 ENGINE_MARKER = "EngineCore"  # vLLM's engine core process, in both targets
 
 
