@@ -117,6 +117,26 @@ def test_gpu_overlay_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert env["CLUSTER_REDIS_URL"] == {"name": "llm-redis", "key": "CLUSTER_REDIS_URL"}
 
 
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_ray_process_gets_the_serve_settings(overlay: str,
+                                                   rendered: dict[str, list[dict[str, Any]]]
+                                                   ) -> None:
+    """The settings LocalStack sets before ray.init reach every Ray pod through the ConfigMap
+    that each container of the RayService reads."""
+    from cluster.config.serve_options import RAY_SERVE_ENV
+
+    [config] = [d for d in rendered[overlay] if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"].startswith("llm-config")]
+    assert RAY_SERVE_ENV.items() <= config["data"].items()
+    rs = _one(rendered[overlay], "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            refs = [e["configMapRef"]["name"] for e in container.get("envFrom", [])]
+            assert config["metadata"]["name"] in refs
+
+
 def test_cpu_demo_has_no_gpu(rendered: dict[str, list[dict[str, Any]]]) -> None:
     text = yaml.safe_dump_all(rendered["cpu-demo"])
     assert "nvidia.com/gpu" not in text

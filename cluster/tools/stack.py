@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from cluster.config.catalog import ModelSpec
-from cluster.config.serve_options import APP_NAME
+from cluster.config.serve_options import APP_NAME, RAY_SERVE_ENV
 from cluster.config.settings import Settings
 from cluster.serving.engine import CPU_ENV_DEFAULTS, ChatEngine
 from cluster.tools.builtin_models import prepare_models
@@ -31,8 +31,8 @@ RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",  # a local ray.init otherwise turns on token auth
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
-    **CPU_ENV_DEFAULTS,
 }
+OPERATOR_TUNABLE = {**RAY_SERVE_ENV, **CPU_ENV_DEFAULTS}  # an operator's own value wins
 
 
 @dataclass
@@ -88,11 +88,9 @@ class LocalStack:
     def _start_ray(self, progress: Progress) -> None:
         import ray
 
-        for k, v in RAY_ENV.items():
-            if k in CPU_ENV_DEFAULTS:
-                os.environ.setdefault(k, v)  # an operator's own value wins
-            else:
-                os.environ[k] = v
+        os.environ.update(RAY_ENV)
+        for k, v in OPERATOR_TUNABLE.items():
+            os.environ.setdefault(k, v)
         if self.metrics_port is None:
             self.metrics_port = pick_port(8080)
         progress(f"Starting a local Ray cluster on 127.0.0.1 (metrics on {self.metrics_url})")
