@@ -81,3 +81,23 @@ def test_the_plot_is_written(tmp_path: Path) -> None:
             for t in ("vllm", "stack") for c in (1, 4)]
     write_plot(summarize(runs), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_the_stand_in_streams_what_a_replica_expects(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from stand_in import StandInEngine
+
+    from cluster.config.catalog import load_spec
+    from cluster.serving.messages import StreamBatch, StreamOpened
+    from cluster.serving.replica import ReplicaCore
+
+    monkeypatch.setenv("STAND_IN_ITL_MS", "0")
+    spec = load_spec(REPO_ROOT / "deployments" / "smollm2-135m-instruct.yaml")
+    core = ReplicaCore(spec, StandInEngine(spec))
+    payload = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    items = [i async for i in core.stream(payload)]
+    assert items[0] == StreamOpened()
+    batches = [i for i in items[1:] if isinstance(i, StreamBatch)]
+    assert sum(b.chunks for b in batches) == 21  # the role chunk and 20 tokens
+    usage = [b.usage_chunk for b in batches if b.usage_chunk]
+    assert usage and usage[0]["usage"]["completion_tokens"] == 20
