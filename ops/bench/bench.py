@@ -38,7 +38,7 @@ from figures import RATIO_COLUMNS, Run, as_json, ratio_rows, summarize, write_pl
 
 from cluster.config.catalog import ModelSpec, load_spec  # noqa: E402
 from cluster.config.settings import LimitDefaults, Settings  # noqa: E402
-from cluster.serving.engine import CPU_ENV_DEFAULTS, engine_args  # noqa: E402
+from cluster.serving.engine import CPU_ENV_DEFAULTS, ChatEngine, engine_args  # noqa: E402
 
 DEFAULT_SPEC = HERE.parent.parent / "deployments" / "smollm2-135m-instruct.yaml"
 CLIENT = """
@@ -140,15 +140,35 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None,
     raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s")
 
 
+SERVE_ROLES = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:llm:Ingress",
+               "replica": "ServeReplica:llm:model-"}
+
+
+def serve_processes() -> dict[str, psutil.Process]:
+    """The Serve proxy, the ingress and the model replica of the running stack, by role."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        for role, mark in SERVE_ROLES.items():
+            if mark in cmd:
+                found[role] = p
+    return found
+
+
+def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    return {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+
+
 @contextlib.contextmanager
-def local_stack(spec: ModelSpec, port: int) -> Iterator[Target]:
+def local_stack(spec: ModelSpec, port: int,
+                engine_cls: type[ChatEngine] | None = None) -> Iterator[Target]:
     from cluster.gate.keys import KeyLimits, create_key_now
     from cluster.tools.stack import LocalStack
 
     # Limits stay on; the stack's defaults and the run's key are far above what it sends.
     settings = Settings(limits=LimitDefaults(rpm=1_000_000, tpm=1_000_000_000,
                                              max_concurrent=10_000))
-    stack = LocalStack([spec], settings, port=port)
+    stack = LocalStack([spec], settings, port=port, engine_cls=engine_cls)
     try:
         stack.start(progress=lambda line: print(f"  stack: {line}", file=sys.stderr))
         stack.wait_healthy()

@@ -10,48 +10,33 @@ replicas on GPU nodes from it, where the engine no longer competes for these cor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
-import psutil
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import DEFAULT_SPEC, Target, client_command, parse_args  # noqa: E402
+from bench import (  # noqa: E402
+    DEFAULT_SPEC,
+    client_command,
+    cpu_seconds,
+    local_stack,
+    parse_args,
+    serve_processes,
+)
 from stand_in import StandInEngine  # noqa: E402
 
 from cluster.config.catalog import ModelSpec, load_spec  # noqa: E402
-from cluster.config.settings import LimitDefaults, Settings  # noqa: E402
-
-ROLES = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:llm:Ingress",
-         "replica": "ServeReplica:llm:model-"}
-
-
-def role_processes() -> dict[str, psutil.Process]:
-    found = {}
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        for role, mark in ROLES.items():
-            if mark in cmd:
-                found[role] = p
-    return found
-
-
-def cpu(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    return {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+from cluster.config.settings import Settings  # noqa: E402
 
 
 def main() -> int:
     import subprocess
 
-    from cluster.gate.keys import KeyLimits, create_key_now
     from cluster.tools.redis_server import free_port
-    from cluster.tools.stack import LocalStack
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="8,32", type=lambda s: [int(x) for x in s.split(",")])
@@ -64,29 +49,20 @@ def main() -> int:
     tokenizer = base.source.resolve(Settings().cache_dir)  # the client counts tokens with it
     spec = ModelSpec.model_validate(base.model_dump(mode="json") | {
         "source": {"path": tokenizer}, "max_ongoing_requests": 256})
-    settings = Settings(limits=LimitDefaults(rpm=1_000_000, tpm=1_000_000_000,
-                                             max_concurrent=10_000))
-    stack = LocalStack([spec], settings, port=free_port(), engine_cls=StandInEngine)
     rows = []
-    try:
-        stack.start(progress=lambda line: print(f"  stack: {line}", file=sys.stderr))
-        stack.wait_healthy()
-        assert stack.redis_url is not None
-        key = create_key_now(stack.redis_url, "capacity", KeyLimits(
-            rpm=1_000_000, tpm=1_000_000_000, max_concurrent=10_000)).secret
-        target = Target("stack", stack.base_url, "/v1/openai/chat/completions", key, set())
-        procs = role_processes()
+    with local_stack(spec, free_port(), engine_cls=StandInEngine) as target:
+        procs = serve_processes()
         args = parse_args(["--output-len", str(opts.output_len), "--input-len", "32"])
-        work = Path(stack.settings.cache_dir) / "capacity"
+        work = Settings().cache_dir / "capacity"
         work.mkdir(parents=True, exist_ok=True)
         for conc in opts.concurrency:
             result = work / f"c{conc}.json"
             cmd = client_command(target, spec, tokenizer, args, conc,
                                  conc * opts.prompts_per_concurrency, result)
-            before = cpu(procs)
-            run = subprocess.run(cmd, env=os.environ | {"OPENAI_API_KEY": key},
+            before = cpu_seconds(procs)
+            run = subprocess.run(cmd, env=os.environ | {"OPENAI_API_KEY": target.api_key},
                                  capture_output=True, text=True, timeout=1800)
-            after = cpu(procs)
+            after = cpu_seconds(procs)
             if run.returncode != 0:
                 print(run.stderr[-3000:], file=sys.stderr)
                 return 1
@@ -94,9 +70,6 @@ def main() -> int:
             chunks = int(data["total_output_tokens"])  # one token per chunk
             spent = {k: after[k] - before[k] for k in procs}
             rows.append((conc, chunks / data["duration"], spent, chunks, data))
-    finally:
-        with contextlib.suppress(Exception):
-            stack.stop()
     print(f"stand-in engine: one token every {opts.itl_ms:g} ms per stream, "
           f"{opts.output_len} tokens per request")
     print(f"{'c':>4} {'chunks/s':>9} {'ingress core':>12} {'chunks/s per ingress core':>26} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import DEFAULT_SPEC, client_command, local_stack, parse_args  # noqa: E402
+from bench import (  # noqa: E402
+    DEFAULT_SPEC,
+    client_command,
+    cpu_seconds,
+    local_stack,
+    parse_args,
+    serve_processes,
+)
 
 from cluster.config.catalog import load_spec  # noqa: E402
 from cluster.config.settings import Settings  # noqa: E402
@@ -91,19 +99,6 @@ def idle_breakdown(seconds: float) -> collections.Counter[str]:
     return out
 
 
-def serve_processes() -> dict[str, psutil.Process]:
-    found = {}
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ray::ProxyActor" in cmd:
-            found["proxy"] = p
-        elif "ServeReplica:llm:Ingress" in cmd:
-            found["ingress"] = p
-        elif "ServeReplica:llm:model-" in cmd:
-            found["replica"] = p
-    return found
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
@@ -124,11 +119,10 @@ def main() -> int:
         n = max(8, int(opts.concurrency * opts.seconds / 3))  # enough to outlast sampling
         cmd = client_command(target, spec, model_dir, bench_args, opts.concurrency, n,
                              work / "load.json")
-        load = subprocess.Popen(cmd, env={**dict(__import__("os").environ),
-                                          "OPENAI_API_KEY": target.api_key},
+        load = subprocess.Popen(cmd, env=os.environ | {"OPENAI_API_KEY": target.api_key},
                                 stdout=(work / "load.log").open("w"), stderr=subprocess.STDOUT)
         time.sleep(3)  # past the first requests' ramp
-        before = {k: sum(v.cpu_times()[:2]) for k, v in procs.items()}
+        before = cpu_seconds(procs)
         spies = {k: subprocess.Popen(["py-spy", "record", "--pid", str(v.pid), "--duration",
                                       str(int(opts.seconds)), "--rate", "50", "--format",
                                       "raw", "--nonblocking", "-o", str(work / f"{k}.txt")],
@@ -136,7 +130,7 @@ def main() -> int:
                  for k, v in procs.items()}
         for spy in spies.values():
             spy.wait()
-        after = {k: sum(v.cpu_times()[:2]) for k, v in procs.items()}
+        after = cpu_seconds(procs)
         with contextlib.suppress(Exception):
             load.kill()
     print(f"c={opts.concurrency}, {opts.seconds:.0f} s sampled; CPU as % of one core:")
