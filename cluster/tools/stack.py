@@ -32,7 +32,14 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
 }
-OPERATOR_TUNABLE = {**RAY_SERVE_ENV, **CPU_ENV_DEFAULTS}  # an operator's own value wins
+# The stack owns its Ray cluster: stopping it stops everything, so an ingress replica need
+# not drain for Serve's 30 s (meant for load balancers during rolling updates on a cluster).
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+OPERATOR_TUNABLE = {**RAY_SERVE_ENV, **LOCAL_SERVE_ENV, **CPU_ENV_DEFAULTS}  # theirs wins
+# HAProxy's stats page and Prometheus endpoint (Ray's template binds them on every
+# interface): these ports (or the operator's) when free, else any free port, so a second
+# stack on the machine (the tests' `cluster up`, a benchmark) can start.
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
 
 @dataclass
@@ -91,6 +98,8 @@ class LocalStack:
         os.environ.update(RAY_ENV)
         for k, v in OPERATOR_TUNABLE.items():
             os.environ.setdefault(k, v)
+        for k, port in HAPROXY_PORTS.items():
+            os.environ[k] = str(pick_port(int(os.environ.get(k, port))))
         if self.metrics_port is None:
             self.metrics_port = pick_port(8080)
         progress(f"Starting a local Ray cluster on 127.0.0.1 (metrics on {self.metrics_url})")

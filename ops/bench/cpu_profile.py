@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the stack's CPU goes, idle and under load: the idle CPU of each kind of
-process, then py-spy (installed with Ray) samples the Serve proxy,
-the ingress and the model replica while vLLM's client drives the stack, and this prints,
+process, then py-spy (installed with Ray) samples the ingress and the model replica (HAProxy,
+native, is only timed) while vLLM's client drives the stack, and this prints,
 per process, the CPU it used and the share of its samples in each layer (Ray's core
 worker and serialisation, Serve, the HTTP stack, this project, vLLM, Redis, asyncio).
 
@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from bench import (  # noqa: E402
     DEFAULT_SPEC,
+    PYTHON_ROLES,
     client_command,
     cpu_seconds,
     local_stack,
@@ -79,9 +80,9 @@ def leaf_layers(raw: Path) -> collections.Counter[str]:
     return counts
 
 
-PROCESS_KINDS = ("ProxyActor", "ServeController", "Ingress", "ServeReplica:llm:model",
-                 "EngineCore", "raylet", "gcs_server", "dashboard", "DashboardAgent",
-                 "log_monitor", "monitor.py", "runtime_env", "valkey-server")
+PROCESS_KINDS = ("haproxy", "HAProxyManager", "ProxyActor", "ServeController", "Ingress",
+                 "ServeReplica:llm:model", "EngineCore", "raylet", "gcs_server", "dashboard",
+                 "DashboardAgent", "log_monitor", "monitor.py", "runtime_env", "valkey-server")
 
 
 def idle_breakdown(seconds: float) -> collections.Counter[str]:
@@ -127,7 +128,7 @@ def main() -> int:
                                       str(int(opts.seconds)), "--rate", "50", "--format",
                                       "raw", "--nonblocking", "-o", str(work / f"{k}.txt")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for k, v in procs.items()}
+                 for k, v in procs.items() if k in PYTHON_ROLES}
         for spy in spies.values():
             spy.wait()
         after = cpu_seconds(procs)
@@ -136,6 +137,9 @@ def main() -> int:
     print(f"c={opts.concurrency}, {opts.seconds:.0f} s sampled; CPU as % of one core:")
     for name in procs:
         cpu = (after[name] - before[name]) / opts.seconds * 100
+        if name not in PYTHON_ROLES:
+            print(f"  {name:<8} {cpu:5.1f}%  (native)")
+            continue
         counts = leaf_layers(work / f"{name}.txt")
         busy = sum(v for k, v in counts.items() if k != "(idle)") or 1
         shares = ", ".join(f"{k} {v / busy:.0%}" for k, v in counts.most_common()
