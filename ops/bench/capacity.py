@@ -73,12 +73,14 @@ def main() -> int:
     print(f"stand-in engine: one token every {opts.itl_ms:g} ms per stream, "
           f"{opts.output_len} tokens per request")
     print(f"{'c':>4} {'chunks/s':>9} {'ingress core':>12} {'chunks/s per ingress core':>26} "
-          f"{'haproxy core':>12} {'replica core':>12} {'TTFT p50':>9} {'ITL p50':>8}")
+          f"{'haproxy core':>12} {'proxy core':>10} {'replica core':>12} {'TTFT p50':>9} "
+          f"{'ITL p50':>8}")
     for conc, rate, spent, chunks, data in rows:
         dur = data["duration"]
         per_core = chunks / spent["ingress"] if spent["ingress"] else float("nan")
         print(f"{conc:>4} {rate:>9.0f} {spent['ingress'] / dur:>12.2f} {per_core:>26.0f} "
-              f"{spent['haproxy'] / dur:>12.2f} {spent['replica'] / dur:>12.2f} "
+              f"{spent.get('haproxy', 0) / dur:>12.2f} {spent['proxy'] / dur:>10.2f} "
+              f"{spent['replica'] / dur:>12.2f} "
               f"{data['median_ttft_ms']:>8.1f}ms {data['median_itl_ms']:>6.1f}ms")
     return 0
 

@@ -80,6 +80,7 @@ def leaf_layers(raw: Path) -> collections.Counter[str]:
     return counts
 
 
+PY_SPY = str(Path(sys.executable).parent / "py-spy")  # Ray installs it beside python
 PROCESS_KINDS = ("haproxy", "HAProxyManager", "ProxyActor", "ServeController", "Ingress",
                  "ServeReplica:llm:model", "EngineCore", "raylet", "gcs_server", "dashboard",
                  "DashboardAgent", "log_monitor", "monitor.py", "runtime_env", "valkey-server")
@@ -124,7 +125,7 @@ def main() -> int:
                                 stdout=(work / "load.log").open("w"), stderr=subprocess.STDOUT)
         time.sleep(3)  # past the first requests' ramp
         before = cpu_seconds(procs)
-        spies = {k: subprocess.Popen(["py-spy", "record", "--pid", str(v.pid), "--duration",
+        spies = {k: subprocess.Popen([PY_SPY, "record", "--pid", str(v.pid), "--duration",
                                       str(int(opts.seconds)), "--rate", "50", "--format",
                                       "raw", "--nonblocking", "-o", str(work / f"{k}.txt")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
