@@ -296,12 +296,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the running stack's key; env:VAR reads $VAR")
     p.add_argument("--vllm-port", type=int, default=0, help="0: any free port")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--capacity", action=argparse.BooleanOptionalAction, default=True,
+                   help="then the ingress capacity with an engine stand-in (capacity.py)")
     p.add_argument("--smoke", action="store_true",
                    help="CI: concurrency 1, 4 prompts of 32 in / 8 out, one round")
     args = p.parse_args(argv)
     if args.smoke:
         args.concurrency, args.rounds, args.input_len, args.output_len = [1], 1, 32, 8
         args.prompts_per_concurrency, args.min_prompts, args.idle_seconds = 4, 4, 2.0
+        args.capacity = False
     return args
 
 
@@ -334,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"spec": str(args.spec), "model": spec.id, "concurrency": args.concurrency,
             "rounds": args.rounds, "input_len": args.input_len, "output_len": args.output_len,
             "cpu_threads": spec.engine.cpu_threads}
-    return report(runs, idle, args.out, meta)
+    status = report(runs, idle, args.out, meta)
+    if args.capacity and not args.stack_url:  # its own stack, after the other one stopped
+        import capacity
+
+        capacity.print_rows(capacity.measure([8, 32]), 10.0, 256)
+    return status
 
 
 if __name__ == "__main__":
