@@ -12,6 +12,7 @@ from rich.console import Console
 
 from cluster.config.catalog import ModelSpec, load_catalog
 from cluster.config.settings import Settings
+from cluster.gate.keys import CreatedKey, KeyLimits, create_key_now
 from cluster.tools.stack import LocalStack, pick_port
 
 console = Console()
@@ -30,25 +31,34 @@ def prepare_models(specs: list[ModelSpec], settings: Settings) -> None:
         builtin_models.prepare_models(specs, settings.cache_dir, progress=_step)
 
 
-def create_dev_key(redis_url: str) -> str:
+# The session key's limits: a local benchmark (vLLM's client at concurrency 16-32, hundreds
+# of requests a minute) runs under them, and they are still checked on every request.
+DEV_KEY_LIMITS = KeyLimits(rpm=1_000, tpm=2_000_000, max_concurrent=64)
+
+
+def create_dev_key(redis_url: str) -> CreatedKey:
     """A fresh key for this session, so the snippet below works as printed."""
-    from cluster.gate.keys import create_key_now
-
-    return create_key_now(redis_url, "local-dev").secret
+    return create_key_now(redis_url, "local-dev", DEV_KEY_LIMITS)
 
 
-def snippet(base_url: str, key: str, model: str) -> str:
+def limits_line(limits: KeyLimits) -> str:
+    return (f"{limits.rpm:,} requests/min, {limits.tpm:,} tokens/min, "
+            f"{limits.max_concurrent} concurrent (enforced; a 429 names the limit it hit)")
+
+
+def snippet(base_url: str, key: CreatedKey, model: str) -> str:
     return f"""[bold]Base URL[/]  {base_url}/v1/openai   (also {base_url}/v1)
-[bold]API key[/]   {key}
+[bold]API key[/]   {key.secret}   (id {key.record.key_id})
+[bold]Limits[/]    {limits_line(key.record.limits)}
 
 curl {base_url}/v1/openai/chat/completions \\
-  -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+  -H "Authorization: Bearer {key.secret}" -H "Content-Type: application/json" \\
   -d '{{"model": "{model}", "temperature": 0,
        "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
 python - <<'PY'
 from openai import OpenAI
-client = OpenAI(base_url="{base_url}/v1/openai", api_key="{key}")
+client = OpenAI(base_url="{base_url}/v1/openai", api_key="{key.secret}")
 # temperature 0: a 135M model answers best greedily
 stream = client.chat.completions.create(model="{model}", stream=True, temperature=0,
     messages=[{{"role": "user", "content": "What is the capital of France?"}}])

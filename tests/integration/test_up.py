@@ -43,6 +43,7 @@ def test_cluster_up_serves_then_stops_cleanly_on_ctrl_c(tiny_model: Path,
         key = re.search(r"API key\s+(sk-\S+)", text)
         assert key, text[-3000:]
         assert f"http://127.0.0.1:{port}/v1/openai" in text
+        assert re.search(r"Limits\s+1,000 requests/min", text), text[-3000:]
         sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1/openai",
                             api_key=key.group(1), max_retries=0)
         chunks = list(sdk.chat.completions.create(
