@@ -139,7 +139,8 @@ async def test_error_mid_stream_is_an_sse_error_then_done(
 
 async def test_engine_refusal_is_400_before_stream(client: httpx.AsyncClient,
                                                    gate: RecordingGate) -> None:
-    r = await client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=1000))
+    # 60 fits the context of 64 alone, not with the prompt: the engine refuses it
+    r = await client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=60))
     assert r.status_code == 400
     assert "maximum context length is 64" in r.json()["error"]["message"]
     assert gate.settled[0][2] is Outcome.error
@@ -240,6 +241,19 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     assert r.json()["error"]["param"] == "model"
 
 
+async def test_a_completion_budget_beyond_the_context_is_400_before_any_limit(
+        client: httpx.AsyncClient, gate: RecordingGate) -> None:
+    """An impossible request is answered 400 and reserves nothing, whatever the key's TPM."""
+    r = await client.post("/v1/chat/completions", json=chat(max_tokens=64))  # context: 64
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    assert "64" in error["message"]
+    assert gate.settled == [] and gate.rejections[-1][2] == "context_length_exceeded"
+    ok = await client.post("/v1/chat/completions", json=chat(max_tokens=8))
+    assert ok.status_code == 200, ok.text
+
+
 async def test_tools_and_multi_part_content_reach_the_engine(
         client: httpx.AsyncClient) -> None:
     messages = [
@@ -306,7 +320,7 @@ async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter
     transport = httpx.ASGITransport(app=create_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         for stream in (False, True):
-            r = await c.post("/v1/chat/completions", json=chat(max_tokens=1000, stream=stream))
+            r = await c.post("/v1/chat/completions", json=chat(max_tokens=60, stream=stream))
             assert r.status_code == 400
     assert [(status_of(m.error), m.outcome) for m in metrics.records if m.error] == \
         [(400, "error")] * 2

@@ -18,7 +18,13 @@ from typing import Any, Protocol
 import anyio
 
 from cluster.config.catalog import ModelSpec
-from cluster.errors import ClusterError, EngineFailed, ModelNotFound, RateLimitState
+from cluster.errors import (
+    ClusterError,
+    EngineFailed,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimitState,
+)
 from cluster.gate.contract import Admission, Gate, Outcome, Usage
 from cluster.serving.coalesce import close, coalesce
 from cluster.serving.messages import Rejected, StreamBatch, StreamItem
@@ -90,6 +96,16 @@ def _as_error(model: str, exc: BaseException, *, streaming: bool = False) -> Clu
                                                                       streaming=streaming)
 
 
+def check_possible(req: ChatRequest, spec: ModelSpec) -> None:
+    """Refuse what no limit could change: a completion budget the context cannot hold (the
+    prompt takes at least one token). The engine checks the prompt's real length."""
+    limit, context = req.output_limit, spec.engine.max_model_len
+    if limit is not None and limit >= context:
+        raise InvalidRequest(f"max_tokens is too large: {limit}. This model's maximum context "
+                             f"length is {context} tokens, for the prompt and the completion "
+                             f"together.", param="max_tokens", code="context_length_exceeded")
+
+
 class ChatService:
     def __init__(self, specs: list[ModelSpec], router: ModelRouter, gate: Gate,
                  metrics: IngressMetrics | None = None) -> None:
@@ -107,6 +123,7 @@ class ChatService:
     async def create(self, req: ChatRequest, api_key: str | None) -> ChatResponse | ChatStream:
         try:
             spec = self.spec(req.model)
+            check_possible(req, spec)  # before any limit is spent on it
         except ClusterError as e:
             await self.gate.record_rejection(api_key=api_key, user=req.user, model=req.model,
                                              reason=e.code)
