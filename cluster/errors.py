@@ -100,6 +100,10 @@ class TokensRateLimited(RateLimited):
     """Over a tokens-per-minute limit (or larger than it: then waiting cannot help)."""
 
 
+class RequestTooLarge(TokensRateLimited):
+    """Larger than a tokens-per-minute limit: waiting cannot help (OpenAI answers 429)."""
+
+
 class Unavailable(ClusterError):
     """A dependency cannot serve now (the limits store, a model's replicas); retry."""
 

@@ -14,7 +14,8 @@ from cluster.api.errors import status_of
 from cluster.api.ingress import create_app
 from cluster.api.sse import stream_response
 from cluster.config.catalog import ModelSpec
-from cluster.gate.contract import Outcome
+from cluster.errors import RequestTooLarge
+from cluster.gate.contract import Admission, Outcome
 from cluster.serving.chat import ChatService, ChatStream
 from tests.fakes import LocalRouter, RecordingGate
 
@@ -252,6 +253,34 @@ async def test_a_completion_budget_beyond_the_context_is_400_before_any_limit(
     assert gate.settled == [] and gate.rejections[-1][2] == "context_length_exceeded"
     ok = await client.post("/v1/chat/completions", json=chat(max_tokens=8))
     assert ok.status_code == 200, ok.text
+
+
+class TinyTpmGate(RecordingGate):
+    """A key whose TPM is below every request: the gate says "too large" to all."""
+
+    async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
+                    reserve_tokens: int) -> Admission:
+        raise RequestTooLarge(f"Request too large for tokens per minute (TPM): Limit 1, "
+                              f"Requested {reserve_tokens}.")
+
+
+@pytest.mark.parametrize(("words", "max_tokens", "status", "says"), [
+    (70, None, 400, "maximum context length is 64"),  # the prompt alone: the engine says
+    (40, 30, 400, "has 42 input tokens and max_tokens 30"),  # prompt + budget: we say
+    (3, 8, 429, "Request too large"),  # it fits the model: the limit stands
+])
+async def test_a_request_the_context_cannot_hold_is_400_even_past_a_tpm_limit(
+        router: LocalRouter, words: int, max_tokens: int | None, status: int,
+        says: str) -> None:
+    service = ChatService([r.spec for r in router.replicas.values()], router, TinyTpmGate())
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "w " * words}]}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(service)),
+                                 base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]
 
 
 async def test_tools_and_multi_part_content_reach_the_engine(

@@ -7,6 +7,7 @@ from cluster.errors import (
     ClusterError,
     Forbidden,
     RateLimited,
+    RequestTooLarge,
     TokensRateLimited,
     Unauthenticated,
     fmt_wait,
@@ -40,7 +41,7 @@ def refusal(d: Decision, api_key: str, model_id: str, reserve: int) -> ClusterEr
 
 
 def rate_limited(d: Decision, reserve: int) -> RateLimited:
-    kind = TokensRateLimited if d.code in ("tokens", "too_large") else RateLimited
+    kind = {"too_large": RequestTooLarge, "tokens": TokensRateLimited}.get(d.code, RateLimited)
     return kind(_rate_message(d, reserve), retry_after_s=d.retry_ms / 1000, rate=d.rate)
 
 

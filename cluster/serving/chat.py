@@ -24,6 +24,7 @@ from cluster.errors import (
     InvalidRequest,
     ModelNotFound,
     RateLimitState,
+    RequestTooLarge,
 )
 from cluster.gate.contract import Admission, Gate, Outcome, Usage
 from cluster.serving.coalesce import close, coalesce
@@ -134,12 +135,40 @@ class ChatService:
             admission = await self.gate.admit(api_key=api_key, user=req.user, model=spec,
                                               reserve_tokens=reserve)
         except ClusterError as e:
-            self.metrics.rejected(spec.id, e)
-            raise
+            error = e
+            if isinstance(e, RequestTooLarge):  # larger than a limit: maybe than the model
+                error = await self._context_error(req, spec) or e
+            self.metrics.rejected(spec.id, error)
+            if error is e:
+                raise
+            raise error from None
         self.metrics.ongoing(spec.id, 1)  # -1 in _settle, which every path reaches
         if req.stream:
             return await self._stream(req, spec, admission)
         return await self._complete(req, spec, admission)
+
+    async def _context_error(self, req: ChatRequest, spec: ModelSpec) -> ClusterError | None:
+        """The 400 of a request whose prompt the model's context cannot hold, from the
+        engine's own count (a render with ``max_tokens: 0``, no generation); None when it
+        fits or the engine cannot tell. Asked only when a TPM limit already refused it."""
+        probe = req.engine_payload() | {"max_tokens": 0, "stream": False}
+        for field_name in ("max_completion_tokens", "min_tokens", "stream_options"):
+            probe.pop(field_name, None)
+        try:
+            reply = await self.router.chat(spec.id, probe)
+        except ClusterError:
+            return None
+        if isinstance(reply, Rejected):
+            return reply.to_error(spec.id) if reply.status == 400 else None
+        prompt = int(reply.body.get("usage", {}).get("prompt_tokens", 0))
+        context = spec.engine.max_model_len
+        if prompt + max(1, req.output_limit or 0) <= context:
+            return None
+        asked = f" and max_tokens {req.output_limit}" if req.output_limit else ""
+        return InvalidRequest(f"This model's maximum context length is {context} tokens. "
+                              f"However, your request has {prompt} input tokens{asked}. "
+                              f"Please reduce the length of the messages.", param="messages",
+                              code="context_length_exceeded")
 
     async def _complete(self, req: ChatRequest, spec: ModelSpec,
                         admission: Admission) -> ChatResponse:

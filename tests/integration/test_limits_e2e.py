@@ -203,3 +203,14 @@ def test_redis_outage_fails_closed_then_recovers(stack: LocalStack, api_key: str
         time.sleep(0.1)
     assert in_a_row == 10, r.text
     assert httpx.get(f"{stack.base_url}/health", timeout=10).status_code == 200
+
+
+def test_a_prompt_past_the_context_is_400_not_the_tpm_429(stack: LocalStack) -> None:
+    """The request can never be served, whatever the key's limits: vLLM's count says so."""
+    key = create_key(stack, "tpm-small", rpm=100, tpm=200)
+    long = ASK | {"messages": [{"role": "user", "content": "hello " * 1500}]}  # context 1024
+    r = post(stack, key, long)
+    assert r.status_code == 400, r.text
+    assert "context length" in r.json()["error"]["message"]
+    small = post(stack, key, ASK | {"messages": [{"role": "user", "content": "hi " * 300}]})
+    assert small.status_code == 429 and "too large" in small.json()["error"]["message"]
