@@ -134,14 +134,13 @@ class ChatService:
         try:
             admission = await self.gate.admit(api_key=api_key, user=req.user, model=spec,
                                               reserve_tokens=reserve)
-        except ClusterError as e:
-            error = e
-            if isinstance(e, RequestTooLarge):  # larger than a limit: maybe than the model
-                error = await self._context_error(req, spec) or e
+        except RequestTooLarge as e:  # larger than a limit: maybe than the model, too
+            error = await self._context_error(req, spec) or e
             self.metrics.rejected(spec.id, error)
-            if error is e:
-                raise
             raise error from None
+        except ClusterError as e:
+            self.metrics.rejected(spec.id, e)
+            raise
         self.metrics.ongoing(spec.id, 1)  # -1 in _settle, which every path reaches
         if req.stream:
             return await self._stream(req, spec, admission)
