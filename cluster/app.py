@@ -17,7 +17,7 @@ from cluster.api.ingress import Ingress
 from cluster.config.catalog import ModelSpec, load_catalog
 from cluster.config.serve_options import ingress_options, replica_options
 from cluster.config.settings import Profile, Settings
-from cluster.serving.engine import ChatEngine
+from cluster.serving.engine import Engine
 from cluster.serving.replica import ModelReplica
 
 
@@ -29,7 +29,7 @@ def specs_from_args(args: dict[str, Any], settings: Settings) -> list[ModelSpec]
 
 
 def build(settings: Settings, specs: list[ModelSpec],
-          engine_cls: type[ChatEngine] | None = None) -> Application:
+          engine_cls: type[Engine] | None = None) -> Application:
     """The application for ``specs``; ``engine_cls`` is injectable, as in Ray Serve LLM."""
     handles = {}
     for spec in specs:

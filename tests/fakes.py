@@ -1,6 +1,7 @@
-"""A fake engine behind the ``ChatEngine`` interface, for unit tests of the layers above it.
+"""A fake engine behind the ``Engine`` interface, for unit tests of the layers above it.
 
-It echoes the last user message word by word, in vLLM's response and chunk shapes.
+It echoes the last user message (a completion: the prompt) word by word, once per choice,
+in vLLM's response and chunk shapes.
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.config.catalog import ModelSpec
+from cluster.config.catalog import Endpoint, ModelSpec
 from cluster.errors import RateLimitState
 from cluster.gate.contract import Admission, OpenGate, Outcome, Usage
 from cluster.serving.coalesce import close
-from cluster.serving.engine import ChatResult, RequestRejected
-from cluster.serving.messages import Rejected
+from cluster.serving.engine import EngineResult, RequestRejected
+from cluster.serving.messages import EngineCall, Rejected, Reply, StreamItem
 from cluster.serving.replica import ReplicaCore
+
+
+def spec(model_id: str, price_in: float, price_out: float, **fields: Any) -> ModelSpec:
+    """A model file for the fake engine: context 64, the given prices per million."""
+    return ModelSpec.model_validate({
+        "id": model_id, "profile": "local", "source": {"path": "/nowhere"},
+        "engine": {"max_model_len": 64},
+        "pricing": {"input_per_million": price_in, "output_per_million": price_out}} | fields)
 
 
 class FakeEngine:
@@ -42,14 +51,24 @@ class FakeEngine:
     def unfinished_requests(self) -> int:
         return 0
 
-    def _plan(self, payload: dict[str, Any]) -> tuple[int, list[str], str]:
-        user = [m for m in payload["messages"] if m["role"] == "user"]
-        text = user[-1]["content"] if user else ""
-        if isinstance(text, list):
-            text = " ".join(p["text"] for p in text)
+    def _plan(self, call: EngineCall) -> tuple[int, list[str], str]:
+        """The prompt's token count, the words to generate per choice, the finish."""
+        payload = call.payload
+        if call.endpoint is Endpoint.completion:
+            prompt_value = payload["prompt"]
+            prompts = [prompt_value] if isinstance(prompt_value, str) or (
+                prompt_value and isinstance(prompt_value[0], int)) else prompt_value
+            text = " ".join(p if isinstance(p, str) else "token " * len(p) for p in prompts)
+            prompt = len(text.split()) + 1
+        else:
+            user = [m for m in payload["messages"] if m["role"] == "user"]
+            text = user[-1]["content"] if user else ""
+            if isinstance(text, list):
+                text = " ".join(p["text"] for p in text)
+            prompt = sum(len(str(m.get("content", "")).split()) + 2
+                         for m in payload["messages"])
         words = text.split() or ["ok"]
-        prompt = sum(len(str(m.get("content", "")).split()) + 2 for m in payload["messages"])
-        limit = payload.get("max_tokens")
+        limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
         if prompt + (limit or 0) > self.max_model_len:
             raise RequestRejected(Rejected(
                 400, f"This model's maximum context length is {self.max_model_len} tokens.",
@@ -59,42 +78,66 @@ class FakeEngine:
             words, finish = words[:limit], "length"
         return prompt, words, finish
 
-    async def chat(self, payload: dict[str, Any]) -> ChatResult:
-        self.last_payload = payload
-        prompt, words, finish = self._plan(payload)
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(words),
-                 "total_tokens": prompt + len(words)}
-        head = {"id": "chatcmpl-fake", "created": int(time.time()), "model": self.spec.id}
+    async def generate(self, call: EngineCall) -> EngineResult:
+        payload = self.last_payload = call.payload
+        prompt, words, finish = self._plan(call)
+        n = int(payload.get("n", 1))
+        if call.endpoint is Endpoint.completion and not isinstance(payload["prompt"], str) \
+                and not isinstance(payload["prompt"][0], int):
+            n *= len(payload["prompt"])
+        usage = {"prompt_tokens": prompt, "completion_tokens": n * len(words),
+                 "total_tokens": prompt + n * len(words)}
+        chat = call.endpoint is Endpoint.chat
+        head = {"id": "chatcmpl-fake" if chat else "cmpl-fake", "created": int(time.time()),
+                "model": self.spec.id}
         if not payload.get("stream"):
-            return head | {"object": "chat.completion", "usage": usage, "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                 "finish_reason": finish}]}
-        return self._events(head | {"object": "chat.completion.chunk"}, words, finish, usage,
-                            payload)
+            return head | {"object": "chat.completion" if chat else "text_completion",
+                           "usage": usage, "choices": [
+                {"index": i, "finish_reason": finish} | _content(chat, " ".join(words))
+                for i in range(n)]}
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        return self._events(head | {"object": kind}, chat, n, words, finish, usage, payload)
 
-    async def _events(self, head: dict[str, Any], words: list[str], finish: str,
-                      usage: dict[str, int], payload: dict[str, Any]) -> AsyncIterator[str]:
+    async def _events(self, head: dict[str, Any], chat: bool, n: int, words: list[str],
+                      finish: str, usage: dict[str, int], payload: dict[str, Any],
+                      ) -> AsyncIterator[str]:
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             return f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
 
+        def delta(text: str, i: int, done: str | None = None) -> dict[str, Any]:
+            return {"index": i, "finish_reason": done} | _delta(chat, text)
+
         try:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                          "finish_reason": None}])
-            for i, word in enumerate(words):
-                if self.fail_after is not None and i == self.fail_after:
+            if chat:
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "finish_reason": None} for i in range(n)])
+            for w, word in enumerate(words):
+                if self.fail_after is not None and w == self.fail_after:
                     yield 'data: {"error": {"message": "engine died", "code": 500}}\n\n'
                     yield "data: [DONE]\n\n"
                     return
                 await asyncio.sleep(self.delay_s)
-                yield event([{"index": 0, "delta": {"content": (" " if i else "") + word},
-                              "finish_reason": None}])
-            yield event([{"index": 0, "delta": {}, "finish_reason": finish}])
+                for i in range(n):
+                    yield event([delta((" " if w else "") + word, i)])
+            for i in range(n):
+                yield event([delta("", i, finish)])
             if (payload.get("stream_options") or {}).get("include_usage"):
                 yield event([], usage=usage)
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted += 1
             raise
+
+
+def _content(chat: bool, text: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}} if chat else {
+        "text": text, "logprobs": None}
+
+
+def _delta(chat: bool, text: str) -> dict[str, Any]:
+    if not chat:
+        return {"text": text, "logprobs": None}
+    return {"delta": {"content": text} if text else {}}
 
 
 class LocalRouter:
@@ -108,11 +151,11 @@ class LocalRouter:
         assert isinstance(engine, FakeEngine)
         return engine
 
-    async def chat(self, model: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self.replicas[model].chat(payload)
+    async def generate(self, model: str, call: EngineCall) -> Reply:
+        return await self.replicas[model].generate(call)
 
-    async def stream(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        items = self.replicas[model].stream(payload)
+    async def stream(self, model: str, call: EngineCall) -> AsyncIterator[StreamItem]:
+        items = self.replicas[model].stream(call)
         try:
             async for item in items:
                 yield item

@@ -87,15 +87,15 @@ async def test_the_stand_in_streams_what_a_replica_expects(monkeypatch: pytest.M
                                                            ) -> None:
     from stand_in import StandInEngine
 
-    from cluster.config.catalog import load_spec
-    from cluster.serving.messages import StreamBatch, StreamOpened
+    from cluster.config.catalog import Endpoint, load_spec
+    from cluster.serving.messages import EngineCall, StreamBatch, StreamOpened
     from cluster.serving.replica import ReplicaCore
 
     monkeypatch.setenv("STAND_IN_ITL_MS", "0")
     spec = load_spec(REPO_ROOT / "deployments" / "smollm2-135m-instruct.yaml")
     core = ReplicaCore(spec, StandInEngine(spec))
     payload = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-    items = [i async for i in core.stream(payload)]
+    items = [i async for i in core.stream(EngineCall(Endpoint.chat, payload))]
     assert items[0] == StreamOpened()
     batches = [i for i in items[1:] if isinstance(i, StreamBatch)]
     assert sum(b.chunks for b in batches) == 21  # the role chunk and 20 tokens

@@ -16,18 +16,11 @@ from cluster.api.sse import stream_response
 from cluster.config.catalog import ModelSpec
 from cluster.errors import RequestTooLarge
 from cluster.gate.contract import Admission, Outcome
-from cluster.serving.chat import ChatService, ChatStream
-from tests.fakes import LocalRouter, RecordingGate
+from cluster.serving.service import InferenceService, InferenceStream
+from tests.fakes import LocalRouter, RecordingGate, spec
 
 MODEL = "acme/echo-1"
 OTHER = "acme/echo-2"
-
-
-def spec(model_id: str, price_in: float, price_out: float) -> ModelSpec:
-    return ModelSpec.model_validate({
-        "id": model_id, "profile": "local", "source": {"path": "/nowhere"},
-        "engine": {"max_model_len": 64},
-        "pricing": {"input_per_million": price_in, "output_per_million": price_out}})
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def router() -> LocalRouter:
 
 @pytest.fixture
 async def client(router: LocalRouter, gate: RecordingGate) -> AsyncIterator[httpx.AsyncClient]:
-    service = ChatService(list(s.spec for s in router.replicas.values()), router, gate)
+    service = InferenceService(list(s.spec for s in router.replicas.values()), router, gate)
     transport = httpx.ASGITransport(app=create_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
@@ -272,7 +265,7 @@ class TinyTpmGate(RecordingGate):
 async def test_a_request_the_context_cannot_hold_is_400_even_past_a_tpm_limit(
         router: LocalRouter, words: int, max_tokens: int | None, status: int,
         says: str) -> None:
-    service = ChatService([r.spec for r in router.replicas.values()], router, TinyTpmGate())
+    service = InferenceService([r.spec for r in router.replicas.values()], router, TinyTpmGate())
     body = {"model": MODEL, "messages": [{"role": "user", "content": "w " * words}]}
     if max_tokens:
         body["max_tokens"] = max_tokens
@@ -302,7 +295,7 @@ async def test_tools_and_multi_part_content_reach_the_engine(
 
 
 async def test_openai_sdk_against_the_app(router: LocalRouter, gate: RecordingGate) -> None:
-    service = ChatService([r.spec for r in router.replicas.values()], router, gate)
+    service = InferenceService([r.spec for r in router.replicas.values()], router, gate)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(service)))
     sdk = openai.AsyncOpenAI(api_key="k", base_url="http://test/v1/openai", http_client=http,
                              max_retries=0)
@@ -345,7 +338,7 @@ async def test_a_refused_request_is_recorded_with_its_status(router: LocalRouter
             self.records.append(record)
 
     metrics = Recorder()
-    service = ChatService([r.spec for r in router.replicas.values()], router, gate, metrics)
+    service = InferenceService([r.spec for r in router.replicas.values()], router, gate, metrics)
     transport = httpx.ASGITransport(app=create_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         for stream in (False, True):
@@ -385,10 +378,10 @@ async def test_a_stream_left_before_its_headers_still_settles(router: LocalRoute
 
     metrics = Ongoing()
     router.engine(MODEL).delay_s = 0.05
-    service = ChatService([r.spec for r in router.replicas.values()], router, gate, metrics)
+    service = InferenceService([r.spec for r in router.replicas.values()], router, gate, metrics)
     stream = await service.create(
         ChatCompletionRequest.model_validate(chat(stream=True)), None)
-    assert isinstance(stream, ChatStream)
+    assert isinstance(stream, InferenceStream)
     response = stream_response(stream)
     assert metrics.count == 1
 
@@ -411,12 +404,12 @@ class RefusingHandle:
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.calls = 0
-        self.chat = self.stream = self
+        self.generate = self.stream = self
 
     def options(self, **_: Any) -> RefusingHandle:
         return self
 
-    def remote(self, payload: dict[str, Any]) -> RefusingHandle:
+    def remote(self, call: object) -> RefusingHandle:
         self.calls += 1
         return self
 
@@ -439,7 +432,7 @@ def refusing_app(error: Exception, gate: RecordingGate) -> tuple[Any, RefusingHa
 
     handle = RefusingHandle(error)
     router = HandleRouter({MODEL: handle})  # type: ignore[dict-item]
-    return create_app(ChatService([spec(MODEL, 1.0, 1.0)], router, gate)), handle
+    return create_app(InferenceService([spec(MODEL, 1.0, 1.0)], router, gate)), handle
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from cluster.config.catalog import Endpoint
 from cluster.serving.coalesce import coalesce
-from cluster.serving.messages import StreamBatch, StreamOpened
+from cluster.serving.messages import EngineCall, StreamBatch, StreamOpened
 
 
 async def ticks(n: int, every_s: float, log: list[str] | None = None) -> AsyncIterator[int]:
@@ -83,7 +84,7 @@ async def test_busy_replica_spaces_its_messages() -> None:
     payload = {"messages": [{"role": "user", "content": " ".join(["w"] * 30)}]}
 
     async def messages(replica: ReplicaCore) -> int:
-        items = [i async for i in replica.stream(payload)]
+        items = [i async for i in replica.stream(EngineCall(Endpoint.chat, payload))]
         assert items[0] == StreamOpened()
         batches = [i for i in items[1:] if isinstance(i, StreamBatch)]
         assert sum(b.chunks for b in batches) == 32  # role + 30 words + finish

@@ -14,26 +14,42 @@ one error table renders them all.
 # No `from __future__ import annotations`: FastAPI must see the router-local dependency
 # aliases (Keys, Abuse, Spend) as objects, not as strings it would resolve in module globals.
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.dependencies.utils import get_flat_dependant
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
+from cluster.api.errors import documented
 from cluster.config.settings import Settings
-from cluster.errors import Unauthenticated
+from cluster.errors import InvalidRequest, Unauthenticated
 from cluster.gate.abuse import AbuseStore, Flag, UserActivity
 from cluster.gate.keys import KeyLimits, KeyRecord, KeyStore
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendDay, SpendStore
 from cluster.gate.store import store_errors
 
+ADMIN_KEY = HTTPBearer(auto_error=False, scheme_name="adminKey",
+                       description="The admin key: `Authorization: Bearer <admin key>`")
 
-class NewKey(BaseModel):
+
+# A model id as keys store it: no commas (the separator), no surrounding blanks.
+ModelId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^,\s](?:[^,]*[^,\s])?$")]
+ModelIds = Annotated[list[ModelId], Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # a typo is a 400, not ignored
+
+
+class NewKey(_Body):
     name: str = Field(min_length=1, max_length=200)
     limits: KeyLimits = KeyLimits()
-    models: list[str] | None = None  # None: every model
+    models: ModelIds | None = None  # None: every model
 
 
 class CreatedKeyOut(BaseModel):
@@ -41,18 +57,31 @@ class CreatedKeyOut(BaseModel):
     record: KeyRecord
 
 
-class LimitsPatch(KeyLimits):
-    clear: list[str] = []  # limits back to their default
-    models: list[str] | None = None
+class LimitsPatch(KeyLimits, _Body):
+    clear: list[Literal["rpm", "tpm", "max_concurrent", "user_rpm", "user_tpm"]] = []
+    models: ModelIds | None = None  # None: unchanged
     all_models: bool = False
 
 
-class UserRef(BaseModel):
+class UserRef(_Body):
     user: str = Field(min_length=1, max_length=1000)
 
 
 class Done(BaseModel):
     ok: bool = True
+
+
+def known_query(request: Request) -> None:
+    """A query parameter the route does not take is a 400, not silently ignored (a typo such
+    as `?day=30` would otherwise answer for the default)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = {p.alias for p in get_flat_dependant(route.dependant).query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequest(f"Unknown query parameter {unknown[0]!r}; this route takes "
+                             f"{', '.join(sorted(known)) or 'none'}.", param=unknown[0])
 
 
 def make_admin_router(redis: Callable[[], Redis], settings: Settings,
@@ -61,12 +90,28 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
     layout = keys or RedisKeys()
     admin_key = settings.admin_key.get_secret_value().encode() if settings.admin_key else b""
 
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, given = (authorization or "").partition(" ")
+    def check(request: Request) -> None:
+        """The admin key, compared in constant time, before anything of the request is read
+        (a body that is not even JSON is a 401 too)."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if (not admin_key or scheme.lower() != "bearer"
                 or not secrets.compare_digest(given.strip().encode(), admin_key)):
             raise Unauthenticated("A valid admin key is required (Authorization: Bearer "
                                   "<admin key>).", code="invalid_admin_key")
+
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handle = super().get_route_handler()
+
+            async def checked(request: Request) -> Response:
+                check(request)
+                return await handle(request)
+
+            return checked
+
+    def authorize(_: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY)]
+                  ) -> None:
+        """Declares the scheme in the OpenAPI document; AdminRoute enforces it."""
 
     # Each store is yielded inside store_errors(): an unreachable Redis in a route is a 503.
     async def key_store() -> AsyncIterator[KeyStore]:
@@ -81,7 +126,9 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
         with store_errors():
             yield SpendStore(redis(), layout)
 
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authorize)])
+    router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute,
+                       dependencies=[Depends(authorize), Depends(known_query)],
+                       responses=documented(400, 401, 404, 503))
     Keys = Annotated[KeyStore, Depends(key_store)]
     Abuse = Annotated[AbuseStore, Depends(abuse_store)]
     Spend = Annotated[SpendStore, Depends(spend_store)]

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import (
@@ -55,6 +56,30 @@ HTTP: dict[type[ClusterError], tuple[int, str]] = {
     Unavailable: (503, "service_unavailable"),
     EngineFailed: (500, "internal_error"),
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, which every 4xx and 5xx of this API has."""
+
+    error: ErrorDetail
+
+
+WHEN = {400: "Invalid request: a field, its range, or what the model can hold",
+        401: "No valid key", 403: "The key or user may not do this",
+        404: "No such model, endpoint or resource", 429: "A limit was reached",
+        503: "A dependency cannot serve now; retry after Retry-After"}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of these error statuses, in OpenAI's shape."""
+    return {s: {"model": ErrorBody, "description": WHEN[s]} for s in statuses}
 
 
 def http_of(error: ClusterError) -> tuple[int, str]:
@@ -136,6 +161,18 @@ def _http_error(exc: StarletteHTTPException) -> ClusterError:
     return InvalidRequest(str(exc.detail), code="http_error")
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first
+    route's, and one path may have a route per method)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(path):
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 OnInvalid = Callable[[Request, InvalidRequest], Awaitable[None]]
 
 
@@ -155,8 +192,12 @@ def install_error_handlers(app: FastAPI, on_invalid: OnInvalid | None = None) ->
         return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(_http_error(exc))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_response(_http_error(exc))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

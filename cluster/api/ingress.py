@@ -17,8 +17,8 @@ from cluster.config.catalog import ModelSpec
 from cluster.config.settings import Settings
 from cluster.gate.contract import Gate, OpenGate
 from cluster.gate.redis_gate import RedisGate
-from cluster.serving.chat import ChatService
 from cluster.serving.router import HandleRouter
+from cluster.serving.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class Ingress:
     def __init__(self, settings: Settings, specs: list[ModelSpec],
                  handles: dict[str, DeploymentHandle]) -> None:
         self.gate = make_gate(settings)
-        self.service = ChatService(specs, HandleRouter(handles), self.gate,
-                                   metrics=RayIngressMetrics(specs, self.gate))
+        self.service = InferenceService(specs, HandleRouter(handles), self.gate,
+                                        metrics=RayIngressMetrics(specs, self.gate))
         self.routers = admin_routers(self.gate, settings)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -1,4 +1,4 @@
-"""Server-sent events of a chat stream, settled however the response ends."""
+"""Server-sent events of a generation stream, settled however the response ends."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from starlette.types import Receive, Scope, Send
 
 from cluster.api.errors import error_event, rate_headers
 from cluster.errors import ClusterError
-from cluster.serving.chat import ChatStream
 from cluster.serving.coalesce import close
+from cluster.serving.service import InferenceStream
 
 
 class SettlingEventSource(EventSourceResponse):
@@ -45,6 +45,6 @@ async def _wire(events: AsyncIterator[bytes | ClusterError]) -> AsyncIterator[by
         await close(events)
 
 
-def stream_response(stream: ChatStream) -> SettlingEventSource:
+def stream_response(stream: InferenceStream) -> SettlingEventSource:
     return SettlingEventSource(_wire(stream.events), stream.on_unstarted,
                                headers=rate_headers(stream.rate), ping=15, sep="\n")

@@ -10,6 +10,7 @@ wheel), so an installed ``cluster`` finds it without the source checkout.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,17 @@ BUILTIN_READY = ".cluster-ready.json"  # written last into a built-in model's di
 def builtin_dir(cache_dir: Path, name: str) -> Path:
     """Where ``cluster up`` (:mod:`cluster.tools.builtin_models`) builds a built-in model."""
     return cache_dir / "models" / name
+
+
+class Endpoint(StrEnum):
+    """The OpenAI APIs a model can serve; each model file lists the ones it does."""
+
+    chat = "chat"  # POST /v1/chat/completions: messages, rendered with the chat template
+    completion = "completion"  # POST /v1/completions: a raw prompt, continued
+
+    @property
+    def path(self) -> str:
+        return {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[self.value]
 
 
 class Source(_Strict):
@@ -147,6 +159,9 @@ class ModelSpec(_Strict):
     streaming: Streaming = Streaming()
     # Reserved for rate limiting when a request gives no max_tokens.
     default_max_tokens: int = Field(512, ge=1)
+    endpoints: tuple[Endpoint, ...] = Field((Endpoint.chat, Endpoint.completion), min_length=1)
+    # The most choices one request may ask for: `n`, times the prompts of a completion.
+    max_choices: int = Field(8, ge=1, le=128)
     pricing: Pricing
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from cluster.errors import InvalidRequest, KeyNotFound
@@ -46,6 +46,8 @@ def key_id_of(digest: str) -> str:
 class KeyLimits(BaseModel):
     """Per-minute limits of a key. None: the settings default (rpm, tpm, max_concurrent) or
     no limit (user_rpm, user_tpm). 0: no limit."""
+
+    model_config = ConfigDict(strict=True)  # `false` or "5" for a limit is a 400
 
     rpm: int | None = Field(None, ge=0)
     tpm: int | None = Field(None, ge=0)

@@ -1,27 +1,30 @@
-"""The engine a model replica owns: vLLM's AsyncLLM behind vLLM's own OpenAI chat layer.
+"""The engine a model replica owns: vLLM's AsyncLLM behind vLLM's own OpenAI layers.
 
-Templating, tool-call parsing, sampling-parameter checks and the OpenAI response and
-``chat.completion.chunk`` shapes all come from vLLM (``OpenAIServingChat``), so they match
-vLLM's server. This module knows nothing of HTTP, Ray or Redis; :class:`ChatEngine` is the
-interface the replica needs, so tests can inject another engine.
+Templating, tool-call parsing, sampling-parameter checks and the OpenAI response and chunk
+shapes all come from vLLM (``OpenAIServingChat`` for chat, ``OpenAIServingCompletion`` for
+completions), so they match vLLM's server. This module knows nothing of HTTP, Ray or Redis;
+:class:`Engine` is the interface the replica needs, so tests can inject another engine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from cluster.config.catalog import ModelSpec
-from cluster.serving.messages import Rejected
+from cluster.config.catalog import Endpoint, ModelSpec
+from cluster.serving.messages import EngineCall, Rejected
 
 if TYPE_CHECKING:
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.v1.engine.async_llm import AsyncLLM
 
-ChatResult = dict[str, Any] | AsyncIterator[str]
+EngineResult = dict[str, Any] | AsyncIterator[str]
+L = TypeVar("L")
 
 
 class RequestRejected(Exception):
@@ -38,8 +41,8 @@ def _rejected(error: Any) -> RequestRejected:
     return RequestRejected(Rejected(int(e.code), str(e.message), e.param, str(e.type or "")))
 
 
-class ChatEngine(Protocol):
-    """What a replica needs from an engine. ``chat`` returns the response body, or for
+class Engine(Protocol):
+    """What a replica needs from an engine. ``generate`` returns the response body, or for
     ``stream: true`` an async iterator of SSE lines (``data: {...}\\n\\n``); it raises
     :class:`RequestRejected` for a request the engine refuses."""
 
@@ -47,7 +50,7 @@ class ChatEngine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def chat(self, payload: dict[str, Any]) -> ChatResult: ...
+    async def generate(self, call: EngineCall) -> EngineResult: ...
 
     async def check_health(self) -> None: ...
 
@@ -85,8 +88,8 @@ def engine_args(spec: ModelSpec, model_path: str) -> dict[str, Any]:
     return args | e.extra
 
 
-class VLLMChatEngine:
-    """vLLM ``AsyncLLM`` + ``OpenAIServingChat`` for one model (pinned to vLLM 0.32)."""
+class VLLMEngine:
+    """vLLM ``AsyncLLM`` + its OpenAI chat and completion layers for one model (vLLM 0.32)."""
 
     def __init__(self, spec: ModelSpec, model_path: str) -> None:
         self.spec = spec
@@ -94,6 +97,7 @@ class VLLMChatEngine:
         self.max_model_len = spec.engine.max_model_len
         self._llm: AsyncLLM | None = None
         self._chat: OpenAIServingChat | None = None
+        self._completion: OpenAIServingCompletion | None = None
 
     async def start(self) -> None:
         if not self.spec.resources.num_gpus:
@@ -105,10 +109,11 @@ class VLLMChatEngine:
         self._llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**engine_args(self.spec, self.model_path)))
         self.max_model_len = self._llm.model_config.max_model_len
-        self._chat = self._build_chat_layer(self._llm)
+        self._build_openai_layers(self._llm)
 
-    def _build_chat_layer(self, llm: AsyncLLM) -> OpenAIServingChat:
+    def _build_openai_layers(self, llm: AsyncLLM) -> None:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.serving import BaseModelPath, OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
 
@@ -123,22 +128,31 @@ class VLLMChatEngine:
         renderer = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer,
                                   **common, **tools)
         renderer.warmup()
-        return OpenAIServingChat(llm, models, "assistant", online_renderer=renderer,
-                                 **common, **tools)
+        if Endpoint.chat in self.spec.endpoints:
+            self._chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer,
+                                           **common, **tools)
+        if Endpoint.completion in self.spec.endpoints:
+            self._completion = OpenAIServingCompletion(
+                llm, models, online_renderer=renderer, request_logger=None)
 
-    async def chat(self, payload: dict[str, Any]) -> ChatResult:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    async def generate(self, call: EngineCall) -> EngineResult:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import (
             create_error_response,
         )
 
-        assert self._chat is not None, "engine not started"
+        result: Any
         try:
-            request = ChatCompletionRequest.model_validate(payload)
-            if request.max_tokens == 0 or request.max_completion_tokens == 0:
-                return await self._zero_tokens(request)
-            result = await self._chat.create_chat_completion(request)
+            request = self._request(call)
+            if (request.max_tokens == 0 and not getattr(request, "echo", False)) or \
+                    getattr(request, "max_completion_tokens", None) == 0:
+                return await self._zero_tokens(call.endpoint, request)
+            if call.endpoint is Endpoint.chat:
+                result = await self._layer(self._chat).create_chat_completion(request)
+            else:
+                result = await self._layer(self._completion).create_completion(request)
+        except RequestRejected:
+            raise
         except Exception as e:  # vLLM 0.32 raises on a bad request
             result = create_error_response(e)
         if isinstance(result, ErrorResponse):
@@ -147,18 +161,41 @@ class VLLMChatEngine:
             return result
         return result.model_dump(exclude_none=True)
 
-    async def _zero_tokens(self, request: Any) -> ChatResult:
+    @staticmethod
+    def _request(call: EngineCall) -> Any:
+        """vLLM's own protocol model of the call's endpoint."""
+        if call.endpoint is Endpoint.chat:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+            return ChatCompletionRequest.model_validate(call.payload)
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        return CompletionRequest.model_validate(call.payload)
+
+    @staticmethod
+    def _layer(layer: L | None) -> L:
+        if layer is None:
+            raise RequestRejected(Rejected(404, "This model does not serve this endpoint.",
+                                           "model", "NotFoundError"))
+        return layer
+
+    async def _zero_tokens(self, endpoint: Endpoint, request: Any) -> EngineResult:
         """`max_tokens: 0` (allowed by the API) asks for no generation: vLLM's sampler
         refuses 0, so render the prompt only, to count its tokens, and answer at once."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        assert self._chat is not None
-        rendered = await self._chat.render_chat_request(request)
-        if isinstance(rendered, ErrorResponse):
-            raise _rejected(rendered)
-        _, inputs = rendered
-        prompt_tokens = self._chat._extract_prompt_len(inputs[0])
-        return _empty_completion(self.spec.id, prompt_tokens, bool(request.stream))
+        layer: OpenAIServingChat | OpenAIServingCompletion
+        if endpoint is Endpoint.chat:
+            layer = self._layer(self._chat)
+            rendered = await layer.render_chat_request(request)
+            inputs = rendered if isinstance(rendered, ErrorResponse) else rendered[1]
+        else:
+            layer = self._layer(self._completion)
+            inputs = await layer.render_completion_request(request)
+        if isinstance(inputs, ErrorResponse):
+            raise _rejected(inputs)
+        prompt_tokens = sum(layer._extract_prompt_len(i) for i in inputs)
+        choices = (request.n or 1) * (1 if endpoint is Endpoint.chat else len(inputs))
+        return _empty_result(endpoint, self.spec.id, prompt_tokens, choices,
+                             bool(request.stream))
 
     async def check_health(self) -> None:
         assert self._llm is not None, "engine not started"
@@ -175,26 +212,29 @@ class VLLMChatEngine:
             self._llm = None
 
 
-def _empty_completion(model: str, prompt_tokens: int, stream: bool) -> ChatResult:
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+def _empty_result(endpoint: Endpoint, model: str, prompt_tokens: int, choices: int,
+                  stream: bool) -> EngineResult:
+    """The answer to `max_tokens: 0`: each choice empty, finished by its length limit."""
+    chat = endpoint is Endpoint.chat
+    kind = "chat.completion" if chat else "text_completion"
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+            "created": int(time.time()), "model": model}
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
              "total_tokens": prompt_tokens}
+    empty: dict[str, Any] = ({"message": {"role": "assistant", "content": ""}} if chat
+                             else {"text": "", "logprobs": None})
     if not stream:
-        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
-                             "finish_reason": "length"}], "usage": usage}
-    import json
+        return head | {"usage": usage, "choices": [
+            {"index": i, **empty, "finish_reason": "length"} for i in range(choices)]}
+    if chat:
+        head["object"] = "chat.completion.chunk"
+        empty = {"delta": {"role": "assistant", "content": ""}}
+    events = [[{"index": i, **empty, "finish_reason": "length"}] for i in range(choices)]
 
-    head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
-
-    async def events() -> AsyncIterator[str]:
-        for choices, extra in (
-            ([{"index": 0, "delta": {"role": "assistant", "content": ""},
-               "finish_reason": None}], {}),
-            ([{"index": 0, "delta": {}, "finish_reason": "length"}], {}),
-            ([], {"usage": usage}),
-        ):
-            yield f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
+    async def sse() -> AsyncIterator[str]:
+        for choice in events:
+            yield f"data: {json.dumps(head | {'choices': choice})}\n\n"
+        yield f"data: {json.dumps(head | {'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
-    return events()
+    return sse()

@@ -1,6 +1,7 @@
 """The typed messages between a model replica and the ingress (pickled by Ray Serve).
 
-``chat`` answers :class:`Completion` or :class:`Rejected`. ``stream`` yields first
+The ingress sends an :class:`EngineCall`. ``generate`` answers :class:`Completion` or
+:class:`Rejected`. ``stream`` yields first
 :class:`StreamOpened` or :class:`Rejected` (so the ingress can still answer 4xx before it
 starts the SSE response), then :class:`StreamBatch` items.
 """
@@ -10,7 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.config.catalog import Endpoint
 from cluster.errors import ClusterError, EngineFailed, InvalidRequest, ModelNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCall:
+    """One request for the engine: which OpenAI API, and its validated body."""
+
+    endpoint: Endpoint
+    payload: dict[str, Any]
+
+    def with_fields(self, **fields: Any) -> EngineCall:
+        return EngineCall(self.endpoint, self.payload | fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +46,7 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    body: dict[str, Any]  # the engine's chat.completion, usage included
+    body: dict[str, Any]  # the engine's chat.completion or text_completion, usage included
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,5 +64,5 @@ class StreamBatch:
     failed: bool = False  # ``data`` holds an error event
 
 
-ChatReply = Completion | Rejected
+Reply = Completion | Rejected
 StreamItem = StreamOpened | Rejected | StreamBatch

@@ -1,6 +1,6 @@
 """The engine replica: one Ray Serve deployment per model, each replica owning an engine.
 
-:class:`ReplicaCore` is the logic (free of Serve, unit-testable with any ``ChatEngine``);
+:class:`ReplicaCore` is the logic (free of Serve, unit-testable with any ``Engine``);
 :class:`ModelReplica` is the Serve deployment around it. Replicas know nothing of HTTP,
 keys, prices or Redis: they answer the typed messages of :mod:`cluster.serving.messages`.
 """
@@ -11,21 +11,28 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from ray import serve
 
 from cluster.config.catalog import ModelSpec
 from cluster.serving.coalesce import close, coalesce
-from cluster.serving.engine import ChatEngine, RequestRejected, VLLMChatEngine
-from cluster.serving.messages import ChatReply, Completion, StreamBatch, StreamItem, StreamOpened
+from cluster.serving.engine import Engine, RequestRejected, VLLMEngine
+from cluster.serving.messages import (
+    Completion,
+    EngineCall,
+    Reply,
+    StreamBatch,
+    StreamItem,
+    StreamOpened,
+)
 
 log = logging.getLogger(__name__)
 
 DONE_EVENT = "data: [DONE]\n\n"
 # vLLM 0.32 writes always-null internal fields into chunks; OpenAI's chunks have no such
 # fields. Removing the exact text is far cheaper than re-serialising every chunk.
-NULL_NOISE = (',"prompt_token_ids":null,"prompt_text":null', ',"token_ids":null')
+NULL_NOISE = (',"prompt_token_ids":null,"prompt_text":null', ',"prompt_token_ids":null',
+              ',"token_ids":null')
 
 
 def _batch(events: list[str]) -> StreamBatch:
@@ -52,9 +59,9 @@ def _batch(events: list[str]) -> StreamBatch:
 
 
 class ReplicaCore:
-    """Runs chat requests on an engine; see the module docstring for the stream protocol."""
+    """Runs requests on an engine; see :mod:`cluster.serving.messages` for the protocol."""
 
-    def __init__(self, spec: ModelSpec, engine: ChatEngine) -> None:
+    def __init__(self, spec: ModelSpec, engine: Engine) -> None:
         self.spec = spec
         self.engine = engine
         self.active_streams = 0
@@ -64,19 +71,19 @@ class ReplicaCore:
         s = self.spec.streaming
         return s.busy_interval_ms / 1000 if self.active_streams > s.busy_streams else 0.0
 
-    async def chat(self, payload: dict[str, Any]) -> ChatReply:
+    async def generate(self, call: EngineCall) -> Reply:
         try:
-            result = await self.engine.chat(payload | {"stream": False})
+            result = await self.engine.generate(call.with_fields(stream=False))
         except RequestRejected as e:
             return e.rejected
         assert isinstance(result, dict)
         return Completion(result)
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamItem]:
+    async def stream(self, call: EngineCall) -> AsyncIterator[StreamItem]:
         # Always ask the engine for the final usage: billing and limits need it.
-        payload = payload | {"stream": True, "stream_options": {"include_usage": True}}
+        call = call.with_fields(stream=True, stream_options={"include_usage": True})
         try:
-            events = await self.engine.chat(payload)
+            events = await self.engine.generate(call)
         except RequestRejected as e:
             yield e.rejected
             return
@@ -101,17 +108,17 @@ class ModelReplica:
     Ray Serve LLM's ``LLMServer``."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
-        self, spec: ModelSpec, cache_dir: Path, engine_cls: type[ChatEngine] | None = None,
+        self, spec: ModelSpec, cache_dir: Path, engine_cls: type[Engine] | None = None,
     ) -> None:
-        engine = (engine_cls or VLLMChatEngine)(spec, spec.source.resolve(cache_dir))  # type: ignore[call-arg]
+        engine = (engine_cls or VLLMEngine)(spec, spec.source.resolve(cache_dir))  # type: ignore[call-arg]
         await engine.start()
         self.core = ReplicaCore(spec, engine)
 
-    async def chat(self, payload: dict[str, Any]) -> ChatReply:
-        return await self.core.chat(payload)
+    async def generate(self, call: EngineCall) -> Reply:
+        return await self.core.generate(call)
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamItem]:
-        async for item in self.core.stream(payload):
+    async def stream(self, call: EngineCall) -> AsyncIterator[StreamItem]:
+        async for item in self.core.stream(call):
             yield item
 
     async def model_id(self) -> str:

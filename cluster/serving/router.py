@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import (
@@ -20,15 +20,15 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.errors import ModelOverloaded, ModelUnavailable
-from cluster.serving.messages import ChatReply, StreamItem
+from cluster.serving.messages import EngineCall, Reply, StreamItem
 
 
 class ModelRouter(Protocol):
     """Reaches a model's replicas (Serve handles in production, in-process in tests)."""
 
-    async def chat(self, model: str, payload: dict[str, Any]) -> ChatReply: ...
+    async def generate(self, model: str, call: EngineCall) -> Reply: ...
 
-    def stream(self, model: str, payload: dict[str, Any]) -> AsyncIterator[StreamItem]: ...
+    def stream(self, model: str, call: EngineCall) -> AsyncIterator[StreamItem]: ...
 
     async def ready(self, model: str) -> bool: ...
 
@@ -55,14 +55,14 @@ class HandleRouter:
         self.handles = handles
         self.ready_timeout_s = ready_timeout_s
 
-    async def chat(self, model: str, payload: dict[str, Any]) -> ChatReply:
+    async def generate(self, model: str, call: EngineCall) -> Reply:
         with serve_refusals(model):
-            result: ChatReply = await self.handles[model].chat.remote(payload)
+            result: Reply = await self.handles[model].generate.remote(call)
         return result
 
-    async def stream(self, model: str, payload: dict[str, Any]) -> AsyncIterator[StreamItem]:
+    async def stream(self, model: str, call: EngineCall) -> AsyncIterator[StreamItem]:
         gen = cast(DeploymentResponseGenerator,
-                   self.handles[model].options(stream=True).stream.remote(payload))
+                   self.handles[model].options(stream=True).stream.remote(call))
         finished = False
         try:
             with serve_refusals(model):

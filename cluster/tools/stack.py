@@ -19,7 +19,7 @@ import httpx
 from cluster.config.catalog import ModelSpec
 from cluster.config.serve_options import APP_NAME, RAY_SERVE_ENV
 from cluster.config.settings import Settings
-from cluster.serving.engine import CPU_ENV_DEFAULTS, ChatEngine
+from cluster.serving.engine import CPU_ENV_DEFAULTS, Engine
 from cluster.tools.builtin_models import prepare_models
 from cluster.tools.redis_server import RedisServer, free_port
 
@@ -49,7 +49,7 @@ class LocalStack:
     specs: list[ModelSpec]
     settings: Settings = field(default_factory=Settings)  # its redis_url None: start one
     port: int = 8000
-    engine_cls: type[ChatEngine] | None = None  # tests inject another engine
+    engine_cls: type[Engine] | None = None  # tests inject another engine
     ray_num_cpus: int = 4  # logical CPUs: fractional replicas share the 2 real cores
     object_store_mb: int = 512
     include_dashboard: bool = True  # metrics are exported without it too

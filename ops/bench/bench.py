@@ -38,7 +38,7 @@ from figures import RATIO_COLUMNS, Run, as_json, ratio_rows, summarize, write_pl
 
 from cluster.config.catalog import ModelSpec, load_spec  # noqa: E402
 from cluster.config.settings import LimitDefaults, Settings  # noqa: E402
-from cluster.serving.engine import CPU_ENV_DEFAULTS, ChatEngine, engine_args  # noqa: E402
+from cluster.serving.engine import CPU_ENV_DEFAULTS, Engine, engine_args  # noqa: E402
 
 DEFAULT_SPEC = HERE.parent.parent / "deployments" / "smollm2-135m-instruct.yaml"
 CLIENT = """
@@ -164,7 +164,7 @@ def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def local_stack(spec: ModelSpec, port: int,
-                engine_cls: type[ChatEngine] | None = None) -> Iterator[Target]:
+                engine_cls: type[Engine] | None = None) -> Iterator[Target]:
     from cluster.gate.keys import KeyLimits, create_key_now
     from cluster.tools.stack import LocalStack
 

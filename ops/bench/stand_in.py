@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.config.catalog import ModelSpec
-from cluster.serving.engine import ChatResult
+from cluster.serving.engine import EngineResult
+from cluster.serving.messages import EngineCall
 
 
 class StandInEngine:
@@ -36,7 +37,8 @@ class StandInEngine:
     def unfinished_requests(self) -> int:
         return self.unfinished
 
-    async def chat(self, payload: dict[str, Any]) -> ChatResult:
+    async def generate(self, call: EngineCall) -> EngineResult:
+        payload = call.payload
         n = int(payload.get("max_completion_tokens") or payload.get("max_tokens") or 16)
         prompt = sum(len(str(m.get("content", ""))) // 4 + 4 for m in payload["messages"])
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}

@@ -1,8 +1,10 @@
-"""Chat completions at the ingress: admit, route to the model's replicas, price, settle.
+"""A request's life at the ingress, for chat and completions alike: check, admit, route to
+the model's replicas, price, stream, settle. Only the protocol model and the engine call
+differ between the endpoints (:class:`InferenceRequest`, :class:`EngineCall`).
 
 Every request that passes admission is settled exactly once (``finally``), whether it
 finished, failed or the client hung up, so limits and spend never drift. The service knows
-no HTTP: it returns a :class:`ChatResponse` or a :class:`ChatStream` and raises
+no HTTP: it returns a :class:`InferenceResponse` or a :class:`InferenceStream` and raises
 :mod:`cluster.errors` exceptions; the API layer renders them.
 """
 
@@ -13,11 +15,11 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import anyio
 
-from cluster.config.catalog import ModelSpec
+from cluster.config.catalog import Endpoint, ModelSpec
 from cluster.errors import (
     ClusterError,
     EngineFailed,
@@ -28,7 +30,7 @@ from cluster.errors import (
 )
 from cluster.gate.contract import Admission, Gate, Outcome, Usage
 from cluster.serving.coalesce import close, coalesce
-from cluster.serving.messages import Rejected, StreamBatch, StreamItem
+from cluster.serving.messages import EngineCall, Rejected, StreamBatch, StreamItem
 from cluster.serving.observer import IngressMetrics, NullMetrics, RequestRecord
 from cluster.serving.router import ModelRouter
 
@@ -36,15 +38,21 @@ DONE = b"data: [DONE]\n\n"
 COMPACT = (",", ":")  # the engine's chunks are compact JSON: so is ours
 
 
-class ChatRequest(Protocol):
-    """What the service reads of a validated request (the API's protocol model)."""
+class InferenceRequest(Protocol):
+    """What the service reads of a validated request (the API's protocol models)."""
 
+    endpoint: ClassVar[Endpoint]
     model: str
     user: str | None
     stream: bool
 
     @property
     def output_limit(self) -> int | None: ...
+
+    @property
+    def choices(self) -> int: ...
+
+    def token_limits(self) -> dict[str, int]: ...
 
     @property
     def wants_usage_chunk(self) -> bool: ...
@@ -55,13 +63,13 @@ class ChatRequest(Protocol):
 
 
 @dataclass(frozen=True)
-class ChatResponse:
+class InferenceResponse:
     body: dict[str, Any]
     rate: RateLimitState | None
 
 
 @dataclass(frozen=True)
-class ChatStream:
+class InferenceStream:
     """SSE bytes, or a :class:`ClusterError` to send as a mid-stream error event.
     ``on_unstarted`` settles a stream whose body never ran (the client left before the
     headers went out); it is a no-op once the body ran."""
@@ -97,17 +105,32 @@ def _as_error(model: str, exc: BaseException, *, streaming: bool = False) -> Clu
                                                                       streaming=streaming)
 
 
-def check_possible(req: ChatRequest, spec: ModelSpec) -> None:
-    """Refuse what no limit could change: a completion budget the context cannot hold (the
-    prompt takes at least one token). The engine checks the prompt's real length."""
-    limit, context = req.output_limit, spec.engine.max_model_len
-    if limit is not None and limit >= context:
-        raise InvalidRequest(f"max_tokens is too large: {limit}. This model's maximum context "
-                             f"length is {context} tokens, for the prompt and the completion "
-                             f"together.", param="max_tokens", code="context_length_exceeded")
+def _call(req: InferenceRequest) -> EngineCall:
+    return EngineCall(req.endpoint, req.engine_payload())
 
 
-class ChatService:
+def check_possible(req: InferenceRequest, spec: ModelSpec) -> None:
+    """Refuse what no limit could change: an endpoint the model does not serve, more choices
+    than it allows, a completion budget the context cannot hold (the prompt takes at least
+    one token). The engine checks the prompt's real length."""
+    if req.endpoint not in spec.endpoints:
+        served = " or ".join(e.path for e in spec.endpoints)
+        raise ModelNotFound(spec.id, message=f"The model '{spec.id}' is not served on "
+                            f"{req.endpoint.path}; use {served}.")
+    if req.choices > spec.max_choices:
+        raise InvalidRequest(f"Too many choices: {req.choices} (n times the prompts). This "
+                             f"model allows at most {spec.max_choices} per request.",
+                             param="n")
+    context = spec.engine.max_model_len
+    for name, limit in req.token_limits().items():
+        if limit >= context:
+            raise InvalidRequest(f"{name} is too large: {limit}. This model's maximum context "
+                                 f"length is {context} tokens, for the prompt and the "
+                                 f"completion together.", param=name,
+                                 code="context_length_exceeded")
+
+
+class InferenceService:
     def __init__(self, specs: list[ModelSpec], router: ModelRouter, gate: Gate,
                  metrics: IngressMetrics | None = None) -> None:
         self.specs = {s.id: s for s in specs}
@@ -121,7 +144,8 @@ class ChatService:
         except KeyError:
             raise ModelNotFound(model) from None
 
-    async def create(self, req: ChatRequest, api_key: str | None) -> ChatResponse | ChatStream:
+    async def create(self, req: InferenceRequest, api_key: str | None
+                     ) -> InferenceResponse | InferenceStream:
         try:
             spec = self.spec(req.model)
             check_possible(req, spec)  # before any limit is spent on it
@@ -130,7 +154,8 @@ class ChatService:
                                              reason=e.code)
             self.metrics.rejected(req.model, e)
             raise
-        reserve = req.estimated_prompt_tokens() + (req.output_limit or spec.default_max_tokens)
+        output = req.output_limit if req.output_limit is not None else spec.default_max_tokens
+        reserve = req.estimated_prompt_tokens() + req.choices * output
         try:
             admission = await self.gate.admit(api_key=api_key, user=req.user, model=spec,
                                               reserve_tokens=reserve)
@@ -146,15 +171,17 @@ class ChatService:
             return await self._stream(req, spec, admission)
         return await self._complete(req, spec, admission)
 
-    async def _context_error(self, req: ChatRequest, spec: ModelSpec) -> ClusterError | None:
+    async def _context_error(self, req: InferenceRequest, spec: ModelSpec) -> ClusterError | None:
         """The 400 of a request whose prompt the model's context cannot hold, from the
         engine's own count (a render with ``max_tokens: 0``, no generation); None when it
         fits or the engine cannot tell. Asked only when a TPM limit already refused it."""
+        if req.choices > 1:
+            return None  # the probe counts one prompt; the 429 stands for the rest
         probe = req.engine_payload() | {"max_tokens": 0, "stream": False}
-        for field_name in ("max_completion_tokens", "min_tokens", "stream_options"):
+        for field_name in ("max_completion_tokens", "min_tokens", "stream_options", "echo"):
             probe.pop(field_name, None)
         try:
-            reply = await self.router.chat(spec.id, probe)
+            reply = await self.router.generate(spec.id, EngineCall(req.endpoint, probe))
         except ClusterError:
             return None
         if isinstance(reply, Rejected):
@@ -164,16 +191,17 @@ class ChatService:
         if prompt + max(1, req.output_limit or 0) <= context:
             return None
         asked = f" and max_tokens {req.output_limit}" if req.output_limit else ""
+        field_name = "messages" if req.endpoint is Endpoint.chat else "prompt"
         return InvalidRequest(f"This model's maximum context length is {context} tokens. "
                               f"However, your request has {prompt} input tokens{asked}. "
-                              f"Please reduce the length of the messages.", param="messages",
-                              code="context_length_exceeded")
+                              f"Please reduce the length of the {field_name}.",
+                              param=field_name, code="context_length_exceeded")
 
-    async def _complete(self, req: ChatRequest, spec: ModelSpec,
-                        admission: Admission) -> ChatResponse:
+    async def _complete(self, req: InferenceRequest, spec: ModelSpec,
+                        admission: Admission) -> InferenceResponse:
         tally = _Tally()
         try:
-            reply = await self.router.chat(spec.id, req.engine_payload())
+            reply = await self.router.generate(spec.id, _call(req))
             if isinstance(reply, Rejected):
                 raise reply.to_error(spec.id)
             body = reply.body
@@ -181,16 +209,16 @@ class ChatService:
             tally.usage = body.get("usage")
             body["usage"] = self._priced(spec, tally.usage)
             tally.outcome = Outcome.ok
-            return ChatResponse(body, admission.rate)
+            return InferenceResponse(body, admission.rate)
         except Exception as e:
             raise tally.failed(_as_error(spec.id, e)) from e
         finally:
             await self._settle(req, spec, admission, tally)
 
-    async def _stream(self, req: ChatRequest, spec: ModelSpec,
-                      admission: Admission) -> ChatStream:
+    async def _stream(self, req: InferenceRequest, spec: ModelSpec,
+                      admission: Admission) -> InferenceStream:
         tally = _Tally()
-        items = self.router.stream(spec.id, req.engine_payload())
+        items = self.router.stream(spec.id, _call(req))
         try:
             first = await anext(items)
             if isinstance(first, Rejected):
@@ -205,10 +233,10 @@ class ChatService:
                 await close(items)  # cancels the generation in the replica
                 await self._settle(req, spec, admission, tally)
 
-        return ChatStream(self._events(req, spec, admission, items, tally), admission.rate,
+        return InferenceStream(self._events(req, spec, admission, items, tally), admission.rate,
                           unstarted)
 
-    async def _events(self, req: ChatRequest, spec: ModelSpec, admission: Admission,
+    async def _events(self, req: InferenceRequest, spec: ModelSpec, admission: Admission,
                       items: AsyncIterator[StreamItem], tally: _Tally,
                       ) -> AsyncIterator[bytes | ClusterError]:
         failed = False
@@ -233,7 +261,7 @@ class ChatService:
                 await close(coalesced)  # closes items: cancels the replica's stream
                 await self._settle(req, spec, admission, tally)
 
-    def _frame(self, req: ChatRequest, spec: ModelSpec, batches: list[StreamBatch],
+    def _frame(self, req: InferenceRequest, spec: ModelSpec, batches: list[StreamBatch],
                tally: _Tally) -> str:
         """The SSE text of some replica batches, counted, with the usage chunk priced."""
         data = "".join(b.data for b in batches)
@@ -254,7 +282,7 @@ class ChatService:
                 "total_tokens": prompt + completion,
                 "estimated_cost": spec.pricing.cost(prompt, completion)}
 
-    async def _settle(self, req: ChatRequest, spec: ModelSpec, admission: Admission,
+    async def _settle(self, req: InferenceRequest, spec: ModelSpec, admission: Admission,
                       tally: _Tally) -> None:
         if tally.settled:
             return
@@ -271,7 +299,7 @@ class ChatService:
         finally:  # even when cancelled while waiting for the shielded settlement
             self._record(req, spec, tally, usage)
 
-    def _record(self, req: ChatRequest, spec: ModelSpec, tally: _Tally, usage: Usage) -> None:
+    def _record(self, req: InferenceRequest, spec: ModelSpec, tally: _Tally, usage: Usage) -> None:
         self.metrics.ongoing(spec.id, -1)
         now = time.perf_counter()
         self.metrics.finished(RequestRecord(
