@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.config.catalog import Endpoint, ModelSpec
-from cluster.errors import RateLimitState
+from cluster.errors import RateLimitState, RequestTooLarge
 from cluster.gate.contract import Admission, OpenGate, Outcome, Usage
 from cluster.serving.coalesce import close
 from cluster.serving.engine import EngineResult, RequestRejected
@@ -186,3 +186,12 @@ class RecordingGate(OpenGate):
 
     async def settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> None:
         self.settled.append((admission, usage, outcome))
+
+
+class TinyTpmGate(RecordingGate):
+    """A key whose TPM is below every request: the gate says "too large" to all."""
+
+    async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
+                    reserve_tokens: int) -> Admission:
+        raise RequestTooLarge(f"Request too large for tokens per minute (TPM): Limit 1, "
+                              f"Requested {reserve_tokens}.")

@@ -13,7 +13,7 @@ import pytest
 from cluster.api.ingress import create_app
 from cluster.gate.contract import Outcome
 from cluster.serving.service import InferenceService
-from tests.fakes import LocalRouter, RecordingGate, spec
+from tests.fakes import LocalRouter, RecordingGate, TinyTpmGate, spec
 
 MODEL = "acme/echo-1"
 CHAT_ONLY = "acme/chat-only"
@@ -182,3 +182,56 @@ async def test_what_the_engine_would_refuse_is_refused_before_admission(
     r = await client.post(path, json=body)
     assert r.status_code == 400, r.text
     assert gate.settled == []
+
+
+async def test_a_completion_failing_mid_stream_is_an_sse_error_settled_as_such() -> None:
+    gate = RecordingGate()
+    specs = [spec(MODEL, 1.0, 2.0)]
+    router = LocalRouter(specs)
+    router.engine(MODEL).fail_after = 1
+    app = create_app(InferenceService(specs, router, gate))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        r = await c.post("/v1/completions", json=completion(stream=True))
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(data[-2])["error"]["message"] == "engine died" and data[-1] == "[DONE]"
+    assert [o for *_, o in gate.settled] == [Outcome.error]
+
+
+async def test_a_completion_left_before_its_headers_settles_as_disconnected() -> None:
+    import asyncio
+
+    from cluster.api.protocol import CompletionRequest
+    from cluster.api.sse import stream_response
+    from cluster.serving.service import InferenceStream
+
+    gate = RecordingGate()
+    specs = [spec(MODEL, 1.0, 2.0)]
+    router = LocalRouter(specs)
+    router.engine(MODEL).delay_s = 0.05
+    service = InferenceService(specs, router, gate)
+    stream = await service.create(CompletionRequest.model_validate(completion(stream=True)),
+                                  None)
+    assert isinstance(stream, InferenceStream)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(5)  # the client is already gone
+
+    scope = {"type": "http", "method": "POST", "headers": []}
+    await asyncio.wait_for(stream_response(stream)(scope, receive, send), 2)  # type: ignore[arg-type]
+    assert [o for *_, o in gate.settled] == [Outcome.disconnected]
+    assert router.replicas[MODEL].active_streams == 0
+
+
+async def test_a_prompt_past_the_context_is_a_400_even_past_a_tpm_limit() -> None:
+    specs = [spec(MODEL, 1.0, 2.0)]
+    service = InferenceService(specs, LocalRouter(specs), TinyTpmGate())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(service)),
+                                 base_url="http://t") as c:
+        too_long = await c.post("/v1/completions", json=completion(prompt="w " * 70))
+        fits = await c.post("/v1/completions", json=completion())
+    assert too_long.status_code == 400, too_long.text
+    assert fits.status_code == 429 and "Request too large" in fits.json()["error"]["message"]

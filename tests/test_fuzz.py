@@ -4,7 +4,9 @@ valid and invalid data. No 5xx; every 4xx in OpenAI's error shape; responses as 
 
 The app is the real one (routes, validation, the Redis gate on a real Redis, the admin API)
 over the fake engine, served by uvicorn on a loopback port. Bounded: a fixed number of
-examples per route, derandomized, so a CI run is repeatable and takes seconds.
+examples per route, derandomized, so a CI run is repeatable and takes about a minute. The
+last test draws requests at the range boundaries (tests/support/request_fuzz.py), which the
+integration tests also send to vLLM.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import schemathesis
 import uvicorn
 from fastapi import FastAPI
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 from schemathesis.checks import CheckContext
 from schemathesis.config import SchemathesisConfig
@@ -41,6 +43,7 @@ from cluster.tools.redis_server import free_port
 from tests.fakes import LocalRouter, spec
 from tests.limits_support import fresh_names
 from tests.limits_support import settings as gate_settings
+from tests.support.request_fuzz import Drawn, check, requests
 
 FUZZ_KEY = f"sk-fuzz-{secrets.token_hex(8)}"
 SPECS = [spec("acme/echo-1", 1.0, 2.0, max_choices=4),
@@ -155,3 +158,15 @@ def test_nothing_is_served_without_credentials(case: Case, served: str) -> None:
             assert response.status_code in allowed, (case.path, response.text)
         else:
             assert response.status_code < 500
+
+
+@given(drawn=requests("acme/echo-1"))
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_boundary_combinations_reach_the_engine_or_name_the_field(drawn: Drawn,
+                                                                  served: str) -> None:
+    r = httpx.post(served + drawn.path, json=drawn.body, timeout=10,
+                   headers={"Authorization": f"Bearer {FUZZ_KEY}"})
+    check(drawn, r.status_code, r.json() if drawn.bad else None)
+    if drawn.status == 200 and drawn.body.get("stream"):
+        assert r.text.endswith("data: [DONE]\n\n")

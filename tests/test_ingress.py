@@ -13,11 +13,9 @@ import pytest
 from cluster.api.errors import status_of
 from cluster.api.ingress import create_app
 from cluster.api.sse import stream_response
-from cluster.config.catalog import ModelSpec
-from cluster.errors import RequestTooLarge
-from cluster.gate.contract import Admission, Outcome
+from cluster.gate.contract import Outcome
 from cluster.serving.service import InferenceService, InferenceStream
-from tests.fakes import LocalRouter, RecordingGate, spec
+from tests.fakes import LocalRouter, RecordingGate, TinyTpmGate, spec
 
 MODEL = "acme/echo-1"
 OTHER = "acme/echo-2"
@@ -246,15 +244,6 @@ async def test_a_completion_budget_beyond_the_context_is_400_before_any_limit(
     assert gate.settled == [] and gate.rejections[-1][2] == "context_length_exceeded"
     ok = await client.post("/v1/chat/completions", json=chat(max_tokens=8))
     assert ok.status_code == 200, ok.text
-
-
-class TinyTpmGate(RecordingGate):
-    """A key whose TPM is below every request: the gate says "too large" to all."""
-
-    async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
-                    reserve_tokens: int) -> Admission:
-        raise RequestTooLarge(f"Request too large for tokens per minute (TPM): Limit 1, "
-                              f"Requested {reserve_tokens}.")
 
 
 @pytest.mark.parametrize(("words", "max_tokens", "status", "says"), [

@@ -9,9 +9,11 @@ import json
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from cluster.tools.stack import LocalStack
 from tests.integration.conftest import SMOL, TINY_A
+from tests.support.request_fuzz import Drawn, check, requests
 
 
 def cost_of(usage: openai.types.CompletionUsage, price_in: float, price_out: float) -> float:
@@ -112,3 +114,14 @@ def test_models_list_the_endpoints(http: httpx.Client) -> None:
     cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
     assert cards[SMOL]["endpoints"] == ["/v1/chat/completions", "/v1/completions"]
     assert cards[SMOL]["max_choices"] == 8
+
+
+@given(drawn=requests(TINY_A))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_boundary_combinations_through_vllm(drawn: Drawn, http: httpx.Client) -> None:
+    """vLLM accepts what the API documents, and the API refuses the rest itself."""
+    r = http.post(drawn.path, json=drawn.body)
+    check(drawn, r.status_code, r.json() if drawn.bad else None)
+    if drawn.status == 200 and drawn.body.get("stream"):
+        assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text
