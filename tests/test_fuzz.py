@@ -26,9 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
-from schemathesis.checks import CheckContext
 from schemathesis.config import SchemathesisConfig
-from schemathesis.core.transport import Response
 from schemathesis.generation.case import Case
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -43,7 +41,7 @@ from cluster.tools.redis_server import free_port
 from tests.fakes import LocalRouter, spec
 from tests.limits_support import fresh_names
 from tests.limits_support import settings as gate_settings
-from tests.support.request_fuzz import Drawn, check, requests
+from tests.support.request_fuzz import Drawn, check, openai_error_shape, requests
 
 FUZZ_KEY = f"sk-fuzz-{secrets.token_hex(8)}"
 SPECS = [spec("acme/echo-1", 1.0, 2.0, max_choices=4),
@@ -102,18 +100,6 @@ def served(redis_url: str) -> Iterator[str]:
     gate = RedisGate.from_url(redis_url, CONF, names)
     with serve(build_app(gate, gate.redis)) as url:
         yield url
-
-
-@schemathesis.check
-def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """Every refusal is OpenAI's `{"error": {message, type, param, code}}`."""
-    if response.status_code < 400:
-        return None
-    body = response.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return True
 
 
 def test_the_served_document_is_the_fuzzed_one(served: str) -> None:

@@ -3,7 +3,8 @@ key, each field drawn at a boundary of the API's parameter table or one step pas
 chat or completions, streamed or not. Each request knows the status it must get: 200 when
 every field is in range, else 400 naming one of the fields out of range.
 
-Unit tests run it against the fake engine, the integration tests against vLLM.
+Unit tests run it against the fake engine, the integration tests against vLLM. Also here:
+the schemathesis check that every refusal has OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import schemathesis
 from hypothesis import strategies as st
+from schemathesis.checks import CheckContext
+from schemathesis.core.transport import Response
+from schemathesis.generation.case import Case
 
 MAX_SEED = 2**63 - 1
 
@@ -77,3 +82,15 @@ def check(drawn: Drawn, status: int, reply: Any) -> None:
         assert isinstance(reply, dict) and reply["error"]["type"] == "invalid_request_error"
         param = (reply["error"]["param"] or "").split(".")[0].split("[")[0]
         assert param in drawn.bad, (drawn, reply)
+
+
+@schemathesis.check
+def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """Every refusal is OpenAI's `{"error": {message, type, param, code}}`."""
+    if response.status_code < 400:
+        return None
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return True
