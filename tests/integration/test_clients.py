@@ -1,26 +1,20 @@
 """The clients people use, unchanged, against the real stack: the ecosystem's contracts.
 
 LangChain's ``ChatOpenAI`` (invoke, stream, structured output, a tool round trip), the
-LiteLLM SDK as a client (chat and text completions, plain and streamed) and vLLM's own
-``bench serve`` on the completions API. The openai SDK is in the other modules. Versions are
+LiteLLM SDK as a client (chat and text completions, plain and streamed). The openai SDK and
+``vllm bench serve`` (chat and completions) are in the other modules. Versions are
 pinned in pyproject.toml; if one of these breaks, the test names the client.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any, Literal
 
-import pytest
 from pydantic import BaseModel
 
 from cluster.tools.stack import LocalStack
-from tests.integration.conftest import SMOL, TINY_A
-from tests.integration.test_vllm_dialect import BENCH
+from tests.integration.conftest import SMOL
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub
 
@@ -93,20 +87,3 @@ def test_litellm_sdk_chat_and_text_completion(stack: LocalStack, api_key: str) -
     text = litellm.text_completion(model=f"text-completion-openai/{SMOL}",
                                    prompt="The capital of France is", max_tokens=5, **common)
     assert "Paris" in text.choices[0].text
-
-
-@pytest.mark.timeout(300)
-def test_vllm_bench_serve_on_completions(stack: LocalStack, api_key: str, tiny_model: Path,
-                                         tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", BENCH, "--backend", "openai", "--base-url", stack.base_url,
-         "--endpoint", "/v1/completions", "--model", TINY_A,
-         "--tokenizer", str(tiny_model), "--dataset-name", "random", "--random-input-len", "32",
-         "--random-output-len", "8", "--num-prompts", "6", "--max-concurrency", "3",
-         "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"],
-        env=os.environ | {"OPENAI_API_KEY": api_key}, capture_output=True, text=True,
-        timeout=280)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert (result["completed"], result["failed"]) == (6, 0)
-    assert result["total_output_tokens"] == 6 * 8

@@ -58,13 +58,16 @@ serve.main(p.parse_args(sys.argv[1:]))
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize(("backend", "endpoint"), [
+    ("openai-chat", "/v1/openai/chat/completions"), ("openai", "/v1/completions")])
 def test_vllm_bench_serve_random_dataset_runs_unchanged(stack: LocalStack, api_key: str,
-                                                        tiny_model: Path,
-                                                        tmp_path: Path) -> None:
-    """The random dataset sends `ignore_eos: true`; every request must succeed."""
+                                                        tiny_model: Path, tmp_path: Path,
+                                                        backend: str, endpoint: str) -> None:
+    """On chat and on completions. The random dataset sends `ignore_eos: true`; every
+    request must succeed."""
     run = subprocess.run(
-        [sys.executable, "-c", BENCH, "--backend", "openai-chat", "--base-url", stack.base_url,
-         "--endpoint", "/v1/openai/chat/completions", "--model", TINY_A,
+        [sys.executable, "-c", BENCH, "--backend", backend, "--base-url", stack.base_url,
+         "--endpoint", endpoint, "--model", TINY_A,
          "--tokenizer", str(tiny_model), "--dataset-name", "random", "--random-input-len", "32",
          "--random-output-len", "8", "--num-prompts", "6", "--max-concurrency", "3",
          "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"],
