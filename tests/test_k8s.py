@@ -246,6 +246,7 @@ def test_surge_and_queue_bounds_reach_serve_and_pass_its_schema(tmp_path: Path) 
     ("crd-wrong-type.yaml", "crd-schema", "enableInTreeAutoscaling: 'yes' is not of type"),
     ("missing-worker-group.yaml", "worker-group", "accelerator_type:A100-80G"),
     ("head-schedules-replicas.yaml", "head-group", "num-cpus is '1'"),
+    ("no-ray-auth.yaml", "ray-auth", "authOptions.mode is not 'token'"),
 ])
 def test_bad_manifest_is_rejected_for_the_right_reason(tools: None, fixture: str, check: str,
                                                        says: str) -> None:
@@ -320,3 +321,90 @@ def test_secrets_command_creates_missing_files_only(tmp_path: Path,
     before = (secrets_dir / "app.env").read_text()
     again = runner.invoke(k8s_app, args)
     assert "kept" in again.output and (secrets_dir / "app.env").read_text() == before
+
+
+# --- who may reach the Ray pods -------------------------------------------------------------
+
+
+def _without(docs: list[dict[str, Any]], kind: str, *names: str) -> list[dict[str, Any]]:
+    return [d for d in docs if not (d["kind"] == kind and (not names or
+                                                           d["metadata"]["name"] in names))]
+
+
+def _policy(name: str, rule: dict[str, Any], namespace: str = "llm") -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm"}},
+                     "policyTypes": ["Ingress"], "ingress": [rule]}}
+
+
+def _checks(problems: list[Any]) -> list[str]:
+    return [f"{p.check}: {p.message}" for p in problems]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlays_close_rays_ports_and_turn_its_auth_on(
+        overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from cluster.tools.k8s.checks_security import policy_problems
+
+    docs = rendered[overlay]
+    assert policy_problems(docs, overlay) == []
+    auth = _one(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "llm-ray-token"}
+    [secret] = [d for d in docs if d["kind"] == "Secret" and
+                d["metadata"]["name"] == "llm-ray-token"]
+    assert set(secret["data"]) == {"auth_token"}
+
+
+def test_an_overlay_without_the_policies_is_refused(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from cluster.tools.k8s.checks_security import policy_problems
+
+    docs = rendered["gpu"]
+    none = _checks(policy_problems(_without(docs, "NetworkPolicy"), "gpu"))
+    groups = {"headGroupSpec", "workerGroupSpecs[cpu]", "workerGroupSpecs[h100x2]"}
+    assert all(any(g in c and "no Ingress NetworkPolicy" in c for c in none) for g in groups)
+    alone = _checks(policy_problems(_without(docs, "NetworkPolicy", "llm-ray-internal"), "gpu"))
+    assert alone and all("no policy lets the other Ray pods in" in c for c in alone)
+    no_token = _checks(policy_problems(_without(docs, "Secret", "llm-ray-token"), "gpu"))
+    assert no_token == ["ray-auth: authOptions.secretName 'llm-ray-token' is not a Secret of "
+                        "this overlay with the key 'auth_token'"]
+
+
+@pytest.mark.parametrize(("rule", "says"), [
+    ({}, "lets any peer in"),  # no `from`: everyone
+    ({"from": [{"namespaceSelector": {}}]}, "lets any peer in"),  # every namespace
+    ({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}, "lets any peer in"),
+    ({"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}, "opens every port"),
+    ({"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}],
+      "ports": [{"port": 6379}]}, "opens 6379"),  # the GCS
+    ({"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "llm-cluster"}}}]},
+     "opens every port"),  # selects Redis too, so not only Ray's own pods
+])
+def test_a_policy_opening_rays_own_ports_is_refused(
+        rendered: dict[str, list[dict[str, Any]]], rule: dict[str, Any], says: str) -> None:
+    from cluster.tools.k8s.checks_security import policy_problems
+
+    docs = [*rendered["gpu"], _policy("too-open", rule)]
+    found = policy_problems(docs, "gpu")
+    assert [(p.resource, p.check) for p in found] == [("NetworkPolicy/too-open",
+                                                       "network-policy")]
+    assert says in found[0].message
+
+
+def test_validate_refuses_an_overlay_whose_base_lost_its_policies(tools: None,
+                                                                   tmp_path: Path) -> None:
+    from cluster.tools.k8s.manifests import pod_templates
+    from cluster.tools.k8s.secret_files import new_secret_values, write_secret_files
+
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, k8s, ignore=shutil.ignore_patterns("*.env"))
+    base = k8s / "base" / "kustomization.yaml"
+    base.write_text(base.read_text().replace("  - networkpolicies.yaml\n", ""))
+    overlay = k8s / "overlays" / "gpu"
+    write_secret_files(overlay / "secrets", [p.name for p in secret_sources(overlay)],
+                       new_secret_values(None, placeholder=True))
+    _, problems = validate_target(overlay, CRDS)
+    assert {p.check for p in problems} == {"network-policy"}
+    groups = len(list(pod_templates(_one(render(overlay), "RayService"))))
+    assert len(problems) == groups == 5  # the head, the CPU workers, 3 GPU groups

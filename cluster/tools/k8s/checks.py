@@ -6,6 +6,7 @@ from typing import Any
 
 from cluster.tools.k8s.checks_ray import ray_problems
 from cluster.tools.k8s.checks_refs import reference_problems, selector_problems
+from cluster.tools.k8s.checks_security import auth_problems
 from cluster.tools.k8s.manifests import RAY_KINDS, Template, _d, _objects, _ref, pod_templates
 from cluster.tools.k8s.problems import Problem
 from cluster.tools.k8s.resources import GPU_RESOURCE, _container_resources, quantity
@@ -33,5 +34,5 @@ def semantic_problems(docs: list[dict[str, Any]], source: str) -> list[Problem]:
         for tpl in pod_templates(doc):
             problems += gpu_problems(tpl, source)
         if doc.get("kind") in RAY_KINDS:
-            problems += ray_problems(doc, source, configmaps)
+            problems += ray_problems(doc, source, configmaps) + auth_problems(doc, source)
     return problems + reference_problems(docs, source) + selector_problems(docs, source)

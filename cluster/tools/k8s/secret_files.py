@@ -20,7 +20,8 @@ def new_secret_values(hf_token: str | None, placeholder: bool = False) -> dict[s
     app = {"CLUSTER_ADMIN_KEY": admin}
     if hf_token or placeholder:
         app["HF_TOKEN"] = hf_token or "placeholder"
-    return {"app.env": app,
+    ray_token = "placeholder" if placeholder else secrets.token_hex(32)
+    return {"app.env": app, "ray.env": {"auth_token": ray_token},
             "redis.env": {"REDIS_PASSWORD": password,
                           "CLUSTER_REDIS_URL": REDIS_URL.format(password=password)}}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from cluster.tools.checkout import REPO_ROOT
 from cluster.tools.k8s.checks import semantic_problems
+from cluster.tools.k8s.checks_security import policy_problems
 from cluster.tools.k8s.problems import K8sError, Problem
 from cluster.tools.k8s.render import K8S_DIR, render
 from cluster.tools.k8s.schema import DEFAULT_KUBE_VERSION, drop_nulls, schema_problems
@@ -34,8 +35,12 @@ def resolve_target(target: str, k8s_dir: Path = K8S_DIR) -> Path:
 
 def validate_target(path: Path, crds: tuple[Path, ...], kube_version: str = DEFAULT_KUBE_VERSION,
                     placeholder_secrets: bool = True) -> tuple[int, list[Problem]]:
-    """(number of objects, problems) for one overlay or manifest file."""
+    """(number of objects, problems) for one overlay or manifest file. An overlay (a
+    directory) must also bring the NetworkPolicies and the Ray token's Secret."""
     full = path.resolve()
     source = str(full.relative_to(REPO_ROOT)) if full.is_relative_to(REPO_ROOT) else str(path)
     docs = render(path, placeholder_secrets)
-    return len(docs), validate_docs(docs, source, crds, kube_version)
+    problems = validate_docs(docs, source, crds, kube_version)
+    if path.is_dir():
+        problems += policy_problems([d for d in docs if isinstance(d, dict)], source)
+    return len(docs), problems
