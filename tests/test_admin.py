@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -14,6 +17,7 @@ from cluster.api.admin import make_admin_router
 from cluster.api.errors import install_error_handlers, status_of
 from cluster.config.settings import Settings
 from cluster.errors import ClusterError
+from cluster.gate.audit import AuditLog
 from cluster.gate.contract import Outcome, Usage
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.store import make_client
@@ -127,3 +131,47 @@ def test_users_and_spend(redis_url: str, names: RedisKeys, client: TestClient) -
     assert (day["requests"], day["prompt_tokens"], day["completion_tokens"]) == (5, 35, 15)
     assert day["cost"] == pytest.approx(1.5)
     assert client.get("/admin/spend", headers=ADMIN, params={"days": 0}).status_code == 400
+
+
+def audit_entries(client: TestClient, **params: Any) -> list[dict[str, Any]]:
+    r = client.get("/admin/audit", headers=ADMIN, params=params)
+    assert r.status_code == 200, r.text
+    entries: list[dict[str, Any]] = r.json()
+    return entries
+
+
+def test_every_change_is_in_the_audit_log_without_secrets(client: TestClient) -> None:
+    created = client.post("/admin/keys", headers=ADMIN, json={"name": "audited"}).json()
+    key_id = created["record"]["key_id"]
+    client.patch(f"/admin/keys/{key_id}/limits", headers=ADMIN, json={"rpm": 7})
+    client.post(f"/admin/keys/{key_id}/users/block", headers=ADMIN, json={"user": "mallory"})
+    client.post(f"/admin/keys/{key_id}/revoke", headers=ADMIN)
+    client.get("/admin/keys", headers=ADMIN)  # a read is not a change
+    entries = audit_entries(client)
+    assert [(e["action"], e["target"]) for e in entries] == [
+        ("revoke_key", key_id), ("block_user", f"{key_id} user=mallory"),
+        ("set_limits", key_id), ("create_key", key_id)]  # newest first
+    assert {e["actor"] for e in entries} == {"api:testclient"}
+    assert entries[2]["detail"] == {"rpm": 7}
+    assert created["key"] not in json.dumps(entries)  # a new key's secret is never logged
+    assert all(time.time() - 60 < e["at"] <= time.time() for e in entries)
+
+
+def test_a_client_guessing_the_admin_key_is_locked_out(redis_url: str,
+                                                       names: RedisKeys) -> None:
+    conf = settings().model_copy(update={"admin_max_failures": 3, "admin_lockout_s": 60})
+    with TestClient(admin_app(redis_url, names, conf)) as client:
+        for guess in ("a", "b", "c"):
+            r = client.get("/admin/keys", headers={"Authorization": f"Bearer {guess}"})
+            assert r.status_code == 401
+        locked = client.get("/admin/keys", headers=ADMIN)  # the right key, too late
+        assert locked.status_code == 429, locked.text
+        assert locked.json()["error"]["code"] == "admin_locked_out"
+        assert 1 <= int(locked.headers["retry-after"]) <= 60
+        not_json = client.post("/admin/keys", headers=ADMIN, content=b"{")
+        assert not_json.status_code == 429  # refused before the body is read
+    async def read() -> list[str]:
+        async with make_client(redis_url) as r:
+            return [e.action for e in await AuditLog(r, names).recent(10)]
+
+    assert asyncio.run(read()) == ["locked_out", "denied", "denied", "denied"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import re
 
 import pytest
@@ -98,3 +99,15 @@ def test_errors_are_messages_not_tracebacks(redis_url: str) -> None:
     assert unknown_user_key.exit_code == 1
     down = runner.invoke(app, ["keys", "list", "--redis-url", "redis://127.0.0.1:1/0"])
     assert down.exit_code == 1 and "(Redis) is unreachable" in down.output
+
+
+def test_cli_changes_are_in_the_audit_log(redis_url: str, created: tuple[str, str]) -> None:
+    _, key_id = created
+    assert cli(redis_url, "users", "block", key_id, "eve").exit_code == 0
+    shown = cli(redis_url, "audit", "--limit", "5")
+    assert shown.exit_code == 0, shown.output
+    rows = [line for line in shown.output.splitlines() if key_id in line]
+    assert "block_user" in rows[0] and "create_key" in rows[1]  # newest first
+    assert all(f"cli:{getpass.getuser()}@" in row for row in rows[:2])
+    only = cli(redis_url, "audit", "--action", "block_user", "--limit", "1")
+    assert "block_user" in only.output and "create_key" not in only.output

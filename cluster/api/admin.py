@@ -13,6 +13,7 @@ one error table renders them all.
 
 # No `from __future__ import annotations`: FastAPI must see the router-local dependency
 # aliases (Keys, Abuse, Spend) as objects, not as strings it would resolve in module globals.
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -26,8 +27,9 @@ from redis.asyncio import Redis
 
 from cluster.api.errors import documented
 from cluster.config.settings import Settings
-from cluster.errors import InvalidRequest, Unauthenticated
+from cluster.errors import InvalidRequest, RateLimited, Unauthenticated
 from cluster.gate.abuse import AbuseStore, Flag, UserActivity
+from cluster.gate.audit import AdminLockout, AuditEntry, AuditLog
 from cluster.gate.keys import KeyLimits, KeyRecord, KeyStore
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendDay, SpendStore
@@ -84,30 +86,80 @@ def known_query(request: Request) -> None:
                              f"{', '.join(sorted(known)) or 'none'}.", param=unknown[0])
 
 
+def client_of(request: Request) -> str:
+    """The client's address as the ingress sees it (behind HAProxy: HAProxy's)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _json_object(raw: bytes | memoryview) -> dict[str, Any]:
+    try:
+        data = json.loads(bytes(raw) or b"{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+async def _change(request: Request, response: Response) -> tuple[str, dict[str, Any]]:
+    """What an admin request changed: its target (key id, user) and its fields (never the
+    response, which holds a new key's secret)."""
+    body = _json_object(await request.body())
+    created = _json_object(response.body).get("record", {})
+    target = str(request.path_params.get("key_id") or created.get("key_id", ""))
+    if "user" in body:
+        target = f"{target} user={body['user']}"
+    return target, body
+
+
 def make_admin_router(redis: Callable[[], Redis], settings: Settings,
                       keys: RedisKeys | None = None) -> APIRouter:
     """The ``/admin`` router; ``redis`` returns the client to use (called per request)."""
     layout = keys or RedisKeys()
     admin_key = settings.admin_key.get_secret_value().encode() if settings.admin_key else b""
 
-    def check(request: Request) -> None:
-        """The admin key, compared in constant time, before anything of the request is read
-        (a body that is not even JSON is a 401 too)."""
+    def valid_key(request: Request) -> bool:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if (not admin_key or scheme.lower() != "bearer"
-                or not secrets.compare_digest(given.strip().encode(), admin_key)):
-            raise Unauthenticated("A valid admin key is required (Authorization: Bearer "
-                                  "<admin key>).", code="invalid_admin_key")
+        return bool(admin_key) and scheme.lower() == "bearer" and secrets.compare_digest(
+            given.strip().encode(), admin_key)
+
+    async def guard(request: Request, audit: AuditLog) -> None:
+        """Before anything of the request is read (a body that is not JSON is a 401 too): a
+        locked-out client is refused, then the admin key is compared in constant time."""
+        client = client_of(request)
+        lockout = AdminLockout(redis(), layout, settings.admin_max_failures,
+                               settings.admin_lockout_s)
+        wait = await lockout.retry_after(client)
+        if wait is not None:
+            raise RateLimited(f"Too many refused admin requests from this client; retry in "
+                              f"{wait}s.", code="admin_locked_out", retry_after_s=wait)
+        if valid_key(request):
+            return
+        await audit.record(f"api:{client}", "denied",
+                           detail={"method": request.method, "path": request.url.path})
+        if await lockout.failed(client):
+            await audit.record(f"api:{client}", "locked_out",
+                               detail={"for_s": settings.admin_lockout_s})
+        raise Unauthenticated("A valid admin key is required (Authorization: Bearer "
+                              "<admin key>).", code="invalid_admin_key")
 
     class AdminRoute(APIRoute):
+        """Guards every admin route and writes each change it makes to the audit log."""
+
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handle = super().get_route_handler()
+            action = self.name
 
-            async def checked(request: Request) -> Response:
-                check(request)
-                return await handle(request)
+            async def guarded(request: Request) -> Response:
+                with store_errors():
+                    audit = AuditLog(redis(), layout)
+                    await guard(request, audit)
+                response = await handle(request)
+                if request.method != "GET" and response.status_code < 400:
+                    with store_errors():
+                        await audit.record(f"api:{client_of(request)}", action,
+                                           *await _change(request, response))
+                return response
 
-            return checked
+            return guarded
 
     def authorize(_: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY)]
                   ) -> None:
@@ -163,6 +215,12 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
     @router.post("/keys/{key_id}/unblock")
     async def unblock_key(key_id: str, keys: Keys) -> KeyRecord:
         return await keys.set_blocked(key_id, False)
+
+    @router.get("/audit")
+    async def audit(limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
+                    action: str | None = None) -> list[AuditEntry]:
+        with store_errors():
+            return await AuditLog(redis(), layout).recent(limit, action)
 
     _user_routes(router, Keys, Abuse, Spend)
     return router

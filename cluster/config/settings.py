@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     redis_fail_mode: RedisFailMode = RedisFailMode.closed
     # Bootstrap admin key for the admin API (a secret in k8s).
     admin_key: SecretStr | None = None
+    # A client with this many refused admin requests within the window is refused (429)
+    # until the window ends, right key or not: the admin key cannot be guessed by trying.
+    admin_max_failures: int = Field(10, ge=1)
+    admin_lockout_s: int = Field(300, ge=1)
     # Requests without a key are refused unless this is on (local demos only).
     allow_anonymous: bool = False
     limits: LimitDefaults = LimitDefaults()

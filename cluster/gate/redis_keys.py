@@ -45,3 +45,11 @@ class RedisKeys:
 
     def auth_failures(self) -> str:
         return f"{self.prefix}authfail:"  # + minute number
+
+    def audit(self) -> str:
+        """The audit log of admin actions (a stream; see :mod:`cluster.gate.audit`)."""
+        return f"{self.prefix}audit"
+
+    def admin_failures(self, client: str) -> str:
+        """Refused admin requests of one client in the current lockout window."""
+        return f"{self.prefix}adminfail:{client}"

@@ -1,14 +1,19 @@
-"""``cluster keys|users|spend``: operate keys, users and spend in Redis directly.
+"""``cluster keys|users|spend|audit``: operate keys, users and spend in Redis directly.
 
 Every command takes ``--redis-url`` (or ``CLUSTER_REDIS_URL``). A created key is printed
-once; Redis keeps only its hash.
+once; Redis keeps only its hash. Every change is written to the audit log
+(:mod:`cluster.gate.audit`), as the admin API's are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import json
+import socket
 from collections.abc import Awaitable, Callable
-from typing import Annotated, NoReturn, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -20,7 +25,8 @@ from cluster.api.errors import status_of
 from cluster.config.settings import Settings
 from cluster.errors import ClusterError
 from cluster.gate.abuse import AbuseStore
-from cluster.gate.keys import LIMIT_FIELDS, KeyLimits, KeyRecord, KeyStore
+from cluster.gate.audit import AuditLog
+from cluster.gate.keys import LIMIT_FIELDS, CreatedKey, KeyLimits, KeyRecord, KeyStore
 from cluster.gate.spend import SpendStore
 from cluster.gate.store import make_client, store_errors
 
@@ -63,6 +69,19 @@ def run(redis_url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
         _fail(f"{e.message} ({status_of(e)} {e.code})")
 
 
+def actor() -> str:
+    """Who runs the CLI, for the audit log."""
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+async def audited(r: Redis, action: str, target: str, detail: dict[str, Any],
+                  work: Awaitable[T]) -> T:
+    """Run a change, then append it to the audit log (as the admin API does)."""
+    result = await work
+    await AuditLog(r).record(actor(), action, target, detail)
+    return result
+
+
 def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
@@ -102,7 +121,14 @@ def create_key(name: str, redis_url: RedisUrl = None, rpm: Rpm = None, tpm: Tpm 
     """Create a key; its secret is printed once."""
     limits = KeyLimits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, user_rpm=user_rpm,
                        user_tpm=user_tpm)
-    created = run(redis_url, lambda r: KeyStore(r).create(name, limits, model or None))
+    async def create(r: Redis) -> CreatedKey:
+        created = await KeyStore(r).create(name, limits, model or None)
+        detail = {"name": name, "limits": limits.model_dump(exclude_none=True),
+                  "models": model or None}
+        await AuditLog(r).record(actor(), "create_key", created.record.key_id, detail)
+        return created
+
+    created = run(redis_url, create)
     console.print(key_table([created.record]))
     console.print("API key (shown once, store it now):")
     print(created.secret)
@@ -118,7 +144,8 @@ def list_keys(redis_url: RedisUrl = None,
 @keys_app.command("revoke")
 def revoke_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
     """Revoke a key: 401 on every replica from its next request."""
-    console.print(key_table([run(redis_url, lambda r: KeyStore(r).revoke(key_id))]))
+    console.print(key_table([run(redis_url, lambda r: audited(
+        r, "revoke_key", key_id, {}, KeyStore(r).revoke(key_id)))]))
 
 
 @keys_app.command("limits")
@@ -135,22 +162,26 @@ def set_limits(key_id: KeyId, redis_url: RedisUrl = None, rpm: Rpm = None, tpm: 
     bad = set(clear or ()) - set(LIMIT_FIELDS)
     if bad:
         _fail(f"--clear takes {', '.join(LIMIT_FIELDS)}; not {', '.join(sorted(bad))}")
-    record = run(redis_url, lambda r: KeyStore(r).set_limits(
-        key_id, limits, clear=clear or (), models=model or None, all_models=all_models))
+    detail = limits.model_dump(exclude_none=True) | {
+        "clear": clear or [], "models": model or None, "all_models": all_models}
+    record = run(redis_url, lambda r: audited(r, "set_limits", key_id, detail, KeyStore(
+        r).set_limits(key_id, limits, clear=clear or (), models=model or None,
+                      all_models=all_models)))
     console.print(key_table([record]))
 
 
 @keys_app.command("block")
 def block_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
     """Block a key: 403 key_blocked until unblocked."""
-    console.print(key_table([run(redis_url, lambda r: KeyStore(r).set_blocked(key_id, True))]))
+    console.print(key_table([run(redis_url, lambda r: audited(
+        r, "block_key", key_id, {}, KeyStore(r).set_blocked(key_id, True)))]))
 
 
 @keys_app.command("unblock")
 def unblock_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
     """Unblock a key."""
-    console.print(key_table([run(redis_url,
-                                 lambda r: KeyStore(r).set_blocked(key_id, False))]))
+    console.print(key_table([run(redis_url, lambda r: audited(
+        r, "unblock_key", key_id, {}, KeyStore(r).set_blocked(key_id, False)))]))
 
 
 def _abuse(r: Redis) -> AbuseStore:
@@ -186,14 +217,16 @@ async def _block_user(r: Redis, key_id: str, user: str) -> None:
 @users_app.command("block")
 def block_user(key_id: KeyId, user: str, redis_url: RedisUrl = None) -> None:
     """Block USER of a key: 403 user_blocked from the next request."""
-    run(redis_url, lambda r: _block_user(r, key_id, user))
+    run(redis_url, lambda r: audited(r, "block_user", f"{key_id} user={user}", {"user": user},
+                                     _block_user(r, key_id, user)))
     console.print(f"blocked user {user!r} of {key_id}")
 
 
 @users_app.command("unblock")
 def unblock_user(key_id: KeyId, user: str, redis_url: RedisUrl = None) -> None:
     """Unblock USER of a key."""
-    was = run(redis_url, lambda r: _abuse(r).unblock_user(key_id, user))
+    was = run(redis_url, lambda r: audited(r, "unblock_user", f"{key_id} user={user}",
+                                           {"user": user}, _abuse(r).unblock_user(key_id, user)))
     console.print(f"unblocked user {user!r} of {key_id}" if was else f"{user!r} was not blocked")
 
 
@@ -220,8 +253,25 @@ def spend(redis_url: RedisUrl = None,
     console.print(table)
 
 
+def audit(redis_url: RedisUrl = None,
+          limit: Annotated[int, typer.Option(min=1, help="Newest entries to show.")] = 50,
+          action: Annotated[str | None, typer.Option(
+              help="Only this action (create_key, revoke_key, set_limits, block_key, "
+                   "unblock_key, block_user, unblock_user, denied, locked_out).")] = None,
+          ) -> None:
+    """The audit log: who changed what and when (admin API and CLI), newest first."""
+    entries = run(redis_url, lambda r: AuditLog(r).recent(limit, action))
+    table = Table("when (UTC)", "who", "action", "target", "detail")
+    for e in entries:
+        when = datetime.fromtimestamp(e.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(when, e.actor, e.action, e.target,
+                      json.dumps(e.detail, sort_keys=True) if e.detail else "")
+    console.print(table)
+
+
 def mount(app: typer.Typer) -> None:
-    """Add ``keys``, ``users`` and ``spend`` to the main CLI."""
+    """Add ``keys``, ``users``, ``spend`` and ``audit`` to the main CLI."""
     app.add_typer(keys_app, name="keys")
     app.add_typer(users_app, name="users")
     app.add_typer(spend_app, name="spend")
+    app.command("audit")(audit)
