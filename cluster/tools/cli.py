@@ -27,12 +27,17 @@ app.add_typer(models_app, name="models")
 def up(
     profile: Annotated[Profile | None, typer.Option(help="Deployment files to serve.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Address the API listens on (default 127.0.0.1). 0.0.0.0 opens it to the "
+             "network (requests still need a key); Ray's own ports stay on 127.0.0.1.",
+    )] = None,
     deployments_dir: Annotated[Path | None, typer.Option(help="Deployment files.")] = None,
 ) -> None:
     """Start Redis, a local Ray cluster and every model of the profile; Ctrl-C stops all."""
     from cluster.tools.up import run_up
 
-    overrides = {"profile": profile, "port": port, "deployments_dir": deployments_dir}
+    overrides = {"profile": profile, "port": port, "host": host,
+                 "deployments_dir": deployments_dir}
     run_up(Settings().model_copy(update={k: v for k, v in overrides.items() if v is not None}))
 
 

@@ -68,6 +68,15 @@ print()
 PY"""
 
 
+def ray_access(stack: LocalStack) -> str:
+    """How to reach Ray itself: everything listens on 127.0.0.1 and asks for the token."""
+    env = " ".join(f"{k}={v}" for k, v in stack.ray_client_env().items())
+    return f"""
+[bold]Ray[/]       dashboard {stack.dashboard_url} (paste the token from {stack.ray_token_path})
+          every port on 127.0.0.1; Ray's APIs refuse a client without the token:
+          {env} serve status"""
+
+
 def run_up(settings: Settings) -> None:
     started = time.monotonic()
     specs = load_catalog(settings.deployments_dir, settings.profile)
@@ -85,6 +94,7 @@ def run_up(settings: Settings) -> None:
         console.rule(f"Ready in {time.monotonic() - started:.0f} s")
         console.print(snippet(stack.base_url, key, specs[0].id), soft_wrap=True,
                       highlight=False)
+        console.print(ray_access(stack), soft_wrap=True, highlight=False)
         console.rule("Ctrl-C stops everything")
         stop.wait()
     finally:

@@ -6,7 +6,6 @@ and the real SmolLM2-135M-Instruct made from the PyPI wheel (answers questions).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def stack(tiny_model: Path) -> Iterator[LocalStack]:
     # Limits high enough for the shared key; two ingress replicas: limits must hold across them.
     settings = Settings(limits=LimitDefaults(rpm=100_000, tpm=0, max_concurrent=0),
                         ingress_min_replicas=2, ingress_max_replicas=2)
-    stack = LocalStack(specs, settings, port=free_port(), include_dashboard=False)
+    stack = LocalStack(specs, settings, port=free_port())  # with the dashboard, as `up`
     try:
         stack.start(progress=print)
         stack.wait_healthy(timeout_s=600)
@@ -93,4 +92,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
