@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from cluster.gate.keys import KeyRecord, KeyStore
@@ -35,3 +36,18 @@ def test_the_snippet_prints_the_key_its_id_and_its_limits(redis_url: str) -> Non
     text = snippet("http://127.0.0.1:8000", created, "m")
     assert f"Bearer {created.secret}" in text and created.record.key_id in text
     assert "1,000 requests/min, 2,000,000 tokens/min, 64 concurrent" in text
+
+
+def test_up_host_reaches_the_stack_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cluster up --host` is the API's address (the stack passes settings.host to Serve)."""
+    from typer.testing import CliRunner
+
+    from cluster.config.settings import Settings
+    from cluster.tools import up
+    from cluster.tools.cli import app
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(up, "run_up", seen.append)
+    assert CliRunner().invoke(app, ["up", "--host", "0.0.0.0"]).exit_code == 0
+    assert CliRunner().invoke(app, ["up"]).exit_code == 0
+    assert [s.host for s in seen] == ["0.0.0.0", "127.0.0.1"]

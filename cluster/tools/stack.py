@@ -94,8 +94,9 @@ class LocalStack:
     def ray_client_env(self) -> dict[str, str]:
         """What `serve status`, `ray job ...` and a Ray client need to be let in (the last
         also to reach the GCS on 127.0.0.1: see _single_machine)."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
-                "RAY_ADDRESS": self.dashboard_url, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        shared = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        return {k: RAY_ENV[k] for k in shared} | {
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path), "RAY_ADDRESS": self.dashboard_url}
 
     def wait_healthy(self, timeout_s: float = 900) -> None:
         """Block until ``/health`` says every model has a running replica."""
