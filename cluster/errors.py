@@ -41,6 +41,9 @@ def fmt_wait(ms: int) -> str:
 
 class ClusterError(Exception):
     code = "error"
+    # False: waiting cannot help soon, so clients must not retry (``x-should-retry: false``,
+    # which the openai SDK and the clients built on it obey); None: their own judgement.
+    should_retry: bool | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None, rate: RateLimitState | None = None
@@ -102,6 +105,14 @@ class TokensRateLimited(RateLimited):
 
 class RequestTooLarge(TokensRateLimited):
     """Larger than a tokens-per-minute limit: waiting cannot help (OpenAI answers 429)."""
+
+
+class QuotaExceeded(ClusterError):
+    """A USD budget (per key or per user, per day or month) is spent until its period
+    resets; ``retry_after_s`` is that reset."""
+
+    code = "insufficient_quota"
+    should_retry = False
 
 
 class Unavailable(ClusterError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from cluster.config.catalog import Endpoint, ModelSpec
 from cluster.errors import RateLimitState, RequestTooLarge
-from cluster.gate.contract import Admission, OpenGate, Outcome, Usage
+from cluster.gate.contract import Admission, Ending, OpenGate, Outcome, Usage, ending_of
 from cluster.serving.coalesce import close
 from cluster.serving.engine import EngineResult, RequestRejected
 from cluster.serving.messages import EngineCall, Rejected, Reply, StreamItem
@@ -171,6 +171,7 @@ class RecordingGate(OpenGate):
 
     def __init__(self) -> None:
         self.settled: list[tuple[Admission, Usage, Outcome]] = []
+        self.endings: list[Ending] = []  # of the settlements, in the same order
         self.rejections: list[tuple[str | None, str | None, str]] = []
 
     async def record_rejection(self, *, api_key: str | None, user: str | None,
@@ -178,20 +179,26 @@ class RecordingGate(OpenGate):
         self.rejections.append((api_key, user, reason))
 
     async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
-                    reserve_tokens: int) -> Admission:
+                    reserve_tokens: int, reserve_cost: float = 0.0,
+                    endpoint: str = "chat") -> Admission:
         admission = await super().admit(api_key=api_key, user=user, model=model,
-                                        reserve_tokens=reserve_tokens)
+                                        reserve_tokens=reserve_tokens,
+                                        reserve_cost=reserve_cost, endpoint=endpoint)
         admission.rate = RateLimitState(limit_requests=100, remaining_requests=99)
         return admission
 
-    async def settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> None:
-        self.settled.append((admission, usage, outcome))
+    async def settle(self, admission: Admission, usage: Usage, ending: Ending | Outcome
+                     ) -> None:
+        end = ending_of(ending)
+        self.settled.append((admission, usage, end.outcome))
+        self.endings.append(end)
 
 
 class TinyTpmGate(RecordingGate):
     """A key whose TPM is below every request: the gate says "too large" to all."""
 
     async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
-                    reserve_tokens: int) -> Admission:
+                    reserve_tokens: int, reserve_cost: float = 0.0,
+                    endpoint: str = "chat") -> Admission:
         raise RequestTooLarge(f"Request too large for tokens per minute (TPM): Limit 1, "
                               f"Requested {reserve_tokens}.")

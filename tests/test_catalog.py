@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config.catalog import CatalogError, load_catalog, load_spec
+from cluster.config.catalog import CatalogError, Pricing, load_catalog, load_spec
 from cluster.config.settings import Profile
 from cluster.tools.checkout import REPO_ROOT
 
@@ -35,6 +35,18 @@ def test_shipped_files_cover_the_seed_models() -> None:
 def test_cost_arithmetic_matches_prices() -> None:
     spec = load_spec(REPO_ROOT / "deployments" / "llama-3.3-70b-instruct-turbo.yaml")
     assert spec.pricing.cost(149, 338) == pytest.approx((149 * 0.13 + 338 * 0.38) / 1e6)
+
+
+def test_cached_prompt_tokens_have_their_own_price() -> None:
+    priced = Pricing(input_per_million=1.0, output_per_million=4.0,
+                     cached_input_per_million=0.25)
+    assert priced.cost_nano(100, 10, cached_tokens=60) == 40 * 1000 + 60 * 250 + 10 * 4000
+    assert priced.cost(100, 10, 60) == 95_000 / 1e9
+    assert priced.cost_nano(10, 0, cached_tokens=50) == 10 * 250  # at most the prompt
+    same = Pricing(input_per_million=1.0, output_per_million=4.0)  # none set: input price
+    assert same.cost_nano(100, 0, cached_tokens=60) == 100_000
+    with pytest.raises(ValueError, match="cannot exceed"):
+        Pricing(input_per_million=1.0, output_per_million=1.0, cached_input_per_million=2.0)
 
 
 @pytest.mark.parametrize(("old", "new", "field"), [

@@ -65,6 +65,7 @@ def test_reply_decoding() -> None:
     rate = {"limit_requests": 5, "remaining_requests": 4, "reset_requests_ms": 60000,
             "limit_tokens": 1000, "remaining_tokens": 900, "reset_tokens_ms": 60000}
     reply = {"code": "ok", "scope": "", "limit": -1, "used": 0, "retry_ms": 0, "scope_bits": 1,
+             "period": "", "budget": {"bits": 0, "day": 20424, "month": 24312},
              "rate": rate, "key": {"rpm": 5, "tpm": 1000, "max_concurrent": 2, "user_rpm": 0,
                                    "user_tpm": 0, "models": ",m,"}}
     d, key = decode_admit(json.dumps(reply), "key_1")

@@ -63,14 +63,21 @@ async def _run_lua(redis: Redis, limits: dict[str, int], model_tpm: int,
             scopes = d.scopes(key_id, user, model)
             await scripts.settle(SettleCall(
                 slots=keys.slots(key_id), windows=[keys.window(s) for s in scopes],
-                slot_id=slot, used=step.used, prompt_tokens=step.used, completion_tokens=0,
-                cost=0.0, outcome="ok", user=user, abuse_prefix=keys.abuse_prefix(key_id),
-                abuse_ttl_s=60, spend_prefix=keys.spend_prefix(key_id), spend_ttl_s=60))
+                slot_id=slot, settled=keys.settled_prefix() + slot, dedupe_s=60,
+                used=step.used, prompt_tokens=step.used, completion_tokens=0,
+                cached_tokens=0, cost=0.0, cost_nano=0, reserved_nano=0, budget_bits=0,
+                day=d.budget.day, month=d.budget.month, outcome="ok", user=user,
+                key_id=key_id, model=model, endpoint="chat", status=200, latency_ms=0,
+                at_ms=T0, abuse_prefix=keys.abuse_prefix(key_id), abuse_ttl_s=60,
+                spend_prefix=keys.spend_prefix(key_id),
+                user_spend_prefix=keys.user_spend_prefix(key_id), spend_ttl_s=60,
+                ledger=keys.ledger(), ledger_retention_ms=60_000))
             continue
         slot = f"s{i}"
         d, _ = await scripts.admit(AdmitCall(
             keys=keys, key_id=key_id, digest=digest, user=step.user, model=step.model,
-            reserve=step.reserve, slot_id=slot, default_rpm=0, default_tpm=0,
+            reserve=step.reserve, reserve_nano=0, spend_ttl_s=60, slot_id=slot,
+            default_rpm=0, default_tpm=0,
             default_max_concurrent=0, model_tpm=model_tpm, lease_ms=600_000, abuse_ttl_s=60,
             max_length=False, now_ms=T0 + step.at))
         admitted[i] = (slot, d, step.user, step.model)

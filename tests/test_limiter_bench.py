@@ -28,7 +28,8 @@ def test_bench_prints_both_levels_side_by_side(capsys: pytest.CaptureFixture[str
     assert bench.main(["--requests", "100", "--json"]) == 0  # starts its own Redis
     out = json.loads(capsys.readouterr().out)
     seen = {(r["gate"], r["clients"]) for r in out["rows"]}
-    assert seen == {(g, c) for g in ("off", "redis", "redis+all") for c in (1, 50)}
+    assert seen == {(g, c) for g in ("off", "redis", "redis+all", "redis+budget")
+                    for c in (1, 50)}
     assert all(r["requests"] >= 50 and r["total_p99_ms"] >= r["total_p50_ms"] > 0
                for r in out["rows"])
     assert out["server_usec_per_evalsha"] > 0

@@ -173,7 +173,8 @@ def test_prometheus_names_follow_rays_export_naming() -> None:
     assert "ray_llm_ingress_time_to_first_token_seconds_bucket" in names
     assert "ray_llm_ingress_ongoing_requests" in names
     assert "ray_llm_ingress_ongoing_requests_total" not in names
-    assert len(names) == len(m.COUNTERS) + 3 * len(m.HISTOGRAMS) + len(m.GAUGES)
+    assert len(names) == len(m.COUNTERS) + 3 * len(m.HISTOGRAMS) + len(m.GAUGES) + \
+        len(m.ABUSE_COUNTERS) + len(m.ABUSE_GAUGES)
 
 
 def test_buckets_cover_llm_latencies() -> None:

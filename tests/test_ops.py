@@ -53,14 +53,18 @@ _INGRESS_LABELS = {
     m.REDIS_DOWN: set(),
     m.REDIS_ERRORS: set(),
     m.GATE_EVENTS: {"event"},
+    m.ABUSE_FLAGGED: {"key_id", "rule"},
+    m.ABUSE_LIVE: {"action"},
+    m.ABUSE_ACTIONS: {"action"},
+    m.ABUSE_LEADER: set(),
 }
 
 
 def ingress_labels() -> dict[str, set[str]]:
     out = {}
     for name in m.prometheus_names():
-        base = next(b for b in (*m.COUNTERS, *m.HISTOGRAMS, *m.GAUGES)
-                    if name.startswith(m.RAY_PREFIX + b))
+        base = next(b for b in (*m.COUNTERS, *m.HISTOGRAMS, *m.GAUGES, *m.ABUSE_COUNTERS,
+                                *m.ABUSE_GAUGES) if name.startswith(m.RAY_PREFIX + b))
         if base == m.MAX_REPLICAS:  # ray.util.metrics: no Serve tags, its own deployment
             out[name] = {"model", "deployment"}
         else:

@@ -1,4 +1,5 @@
-"""The admin HTTP API (``/admin``): keys, limits, blocking, top and flagged users, spend.
+"""The admin HTTP API (``/admin``): keys, limits, blocking, top and flagged users, abuse
+policies and actions, spend.
 
 Every route needs ``Authorization: Bearer <settings.admin_key>`` (401 otherwise; with no
 admin key configured the API refuses everything); :mod:`cluster.api.admin_guard` checks it,
@@ -15,20 +16,30 @@ one error table renders them all.
 
 # No `from __future__ import annotations`: FastAPI must see the router-local dependency
 # aliases (Keys, Abuse, Spend) as objects, not as strings it would resolve in module globals.
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Security
+from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from cluster.api.admin_guard import admin_route, known_query
+from cluster.api.admin_guard import admin_route, client_of, known_query
 from cluster.api.errors import documented
 from cluster.config.settings import Settings
 from cluster.gate.abuse import AbuseStore, Flag, UserActivity
+from cluster.gate.actions import ActionEntry, ActionLog, UserActions, lift_hold_minutes
 from cluster.gate.audit import AuditEntry, AuditLog
-from cluster.gate.keys import KeyLimits, KeyRecord, KeyStore
+from cluster.gate.keys import (
+    AbusePolicy,
+    BudgetName,
+    KeyBudgets,
+    KeyLimits,
+    KeyRecord,
+    KeyStore,
+)
+from cluster.gate.ledger import LedgerPage, UsageLedger
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendDay, SpendStore
 from cluster.gate.store import store_errors
@@ -49,6 +60,7 @@ class _Body(BaseModel):
 class NewKey(_Body):
     name: str = Field(min_length=1, max_length=200)
     limits: KeyLimits = KeyLimits()
+    budgets: KeyBudgets = KeyBudgets()
     models: ModelIds | None = None  # None: every model
 
 
@@ -63,12 +75,30 @@ class LimitsPatch(KeyLimits, _Body):
     all_models: bool = False
 
 
+class BudgetsPatch(KeyBudgets, _Body):
+    clear: list[BudgetName] = []
+
+
 class UserRef(_Body):
     user: str = Field(min_length=1, max_length=1000)
 
 
 class Done(BaseModel):
     ok: bool = True
+
+
+class PolicyBody(AbusePolicy, _Body):
+    """The whole policy: a field left out goes back to the settings' default."""
+
+
+class Lifted(Done):
+    lifted: ActionEntry | None = Field(None, description="the lift recorded; null when the "
+                                       "user had no live throttle or block")
+
+
+def epoch_ms(when: dt.datetime) -> int:
+    """A time as the ledger's stream ids count it (naive: UTC)."""
+    return int((when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp() * 1000)
 
 
 def make_admin_router(redis: Callable[[], Redis], settings: Settings,
@@ -104,7 +134,7 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
 
     @router.post("/keys", status_code=201)
     async def create_key(body: NewKey, keys: Keys) -> CreatedKeyOut:
-        created = await keys.create(body.name, body.limits, body.models)
+        created = await keys.create(body.name, body.limits, body.models, budgets=body.budgets)
         return CreatedKeyOut(key=created.secret, record=created.record)
 
     @router.get("/keys")
@@ -125,6 +155,23 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
         return await keys.set_limits(key_id, limits, clear=body.clear, models=body.models,
                                      all_models=body.all_models)
 
+    @router.patch("/keys/{key_id}/budgets")
+    async def set_budgets(key_id: str, body: BudgetsPatch, keys: Keys) -> KeyRecord:
+        """USD budgets per UTC day and month, of the key and of each of its users."""
+        budgets = KeyBudgets(**body.model_dump(include=set(KeyBudgets.model_fields)))
+        return await keys.set_budgets(key_id, budgets, clear=body.clear)
+
+    @router.get("/usage")
+    async def usage(since: Annotated[dt.datetime, Query(description="ISO 8601; UTC if naive")],
+                    until: Annotated[dt.datetime, Query(description="ISO 8601, excluded")],
+                    key_id: str | None = None, cursor: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LedgerPage:
+        """The usage ledger: one entry per settled request, oldest first, a page at a time
+        (pass ``next_cursor`` back as ``cursor``)."""
+        with store_errors():
+            return await UsageLedger(redis(), layout).page(
+                epoch_ms(since), epoch_ms(until), cursor=cursor, limit=limit, key_id=key_id)
+
     @router.post("/keys/{key_id}/block")
     async def block_key(key_id: str, keys: Keys) -> KeyRecord:
         return await keys.set_blocked(key_id, True)
@@ -140,6 +187,7 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
             return await AuditLog(redis(), layout).recent(limit, action)
 
     _user_routes(router, Keys, Abuse, Spend)
+    _abuse_routes(router, Keys, redis, layout, settings)
     return router
 
 
@@ -174,3 +222,40 @@ def _user_routes(router: APIRouter, Keys: Any, Abuse: Any, Spend: Any) -> None:
     async def spend(spend: Spend, key_id: str | None = None,
                     days: Annotated[int, Query(ge=1, le=400)] = 7) -> list[SpendDay]:
         return await spend.spend(key_id, days)
+
+
+def _abuse_routes(router: APIRouter, Keys: Any, redis: Callable[[], Redis], layout: RedisKeys,
+                  settings: Settings) -> None:
+    """Abuse policies of keys and the monitor's actions (:mod:`cluster.gate.monitor`)."""
+    async def user_actions() -> AsyncIterator[UserActions]:
+        with store_errors():
+            yield UserActions(redis(), layout)
+
+    async def action_log() -> AsyncIterator[ActionLog]:
+        with store_errors():
+            yield ActionLog(redis(), layout)
+
+    Actions = Annotated[UserActions, Depends(user_actions)]
+    Log = Annotated[ActionLog, Depends(action_log)]
+
+    @router.put("/keys/{key_id}/abuse-policy")
+    async def set_abuse_policy(key_id: str, body: PolicyBody, keys: Keys) -> KeyRecord:
+        return await keys.set_policy(key_id, AbusePolicy(**body.model_dump()))
+
+    @router.post("/keys/{key_id}/users/lift")
+    async def lift_user(key_id: str, body: UserRef, request: Request, keys: Keys,
+                        actions: Actions) -> Lifted:
+        """Lift a live throttle or block of the user; the monitor then leaves the user alone
+        for the rules' longest window."""
+        await keys.get(key_id)
+        entry = await actions.lift(key_id, body.user, f"api:{client_of(request)}",
+                                   lift_hold_minutes(settings.abuse))
+        return Lifted(ok=entry is not None, lifted=entry)
+
+    @router.get("/abuse/actions")
+    async def abuse_actions(log: Log, key_id: str | None = None,
+                            limit: Annotated[int, Query(ge=1, le=10_000)] = 50
+                            ) -> list[ActionEntry]:
+        """The actions recorded (flagged, throttled, blocked, expired, lifted), newest first;
+        ``live`` marks those in force now."""
+        return await log.recent(key_id, limit)

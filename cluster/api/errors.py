@@ -23,6 +23,7 @@ from cluster.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     RateLimitState,
     TokensRateLimited,
@@ -53,6 +54,7 @@ HTTP: dict[type[ClusterError], tuple[int, str]] = {
     MethodNotAllowed: (405, "invalid_request_error"),
     RateLimited: (429, "rate_limit_exceeded"),
     TokensRateLimited: (429, "tokens"),  # OpenAI's type for TPM refusals
+    QuotaExceeded: (429, "insufficient_quota"),  # OpenAI's shape for a spent quota
     Unavailable: (503, "service_unavailable"),
     EngineFailed: (500, "internal_error"),
 }
@@ -117,6 +119,8 @@ def error_headers(error: ClusterError) -> dict[str, str]:
     headers = rate_headers(error.rate)
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if error.should_retry is not None:
+        headers["x-should-retry"] = "true" if error.should_retry else "false"
     return headers
 
 

@@ -47,10 +47,18 @@ REDIS_DOWN = "llm_ingress_redis_down"  # gauge: 1 while the gate finds Redis unr
 REDIS_ERRORS = "llm_ingress_redis_errors"  # counter: failed Redis calls of the gate
 GATE_EVENTS = "llm_ingress_gate_events"  # counter: event (outages, fallback admissions, ...)
 
+# The abuse monitor's (cluster/api/abuse_metrics.py): set by the replica that evaluates.
+ABUSE_FLAGGED = "cluster_abuse_flagged_users"  # gauge: key_id, rule (users flagged now)
+ABUSE_LIVE = "cluster_abuse_live_actions"  # gauge: action (throttle, block)
+ABUSE_ACTIONS = "cluster_abuse_actions"  # counter: action (flagged, throttled, blocked, expired)
+ABUSE_LEADER = "cluster_abuse_evaluator_leader"  # gauge: 1 on the evaluating replica
+
 COUNTERS = (REQUESTS, PROMPT_TOKENS, COMPLETION_TOKENS, ESTIMATED_COST, REJECTIONS,
             REDIS_ERRORS, GATE_EVENTS)
 HISTOGRAMS = (TTFT, ITL, E2E)
 GAUGES = (ONGOING, MAX_REPLICAS, REDIS_DOWN)
+ABUSE_COUNTERS = (ABUSE_ACTIONS,)
+ABUSE_GAUGES = (ABUSE_FLAGGED, ABUSE_LIVE, ABUSE_LEADER)
 
 # Serve adds these to every metric recorded in a replica (the ingress's own, not a model's).
 SERVE_TAGS = ("deployment", "replica", "application")
@@ -70,7 +78,8 @@ def prometheus_names() -> set[str]:
     """Every series name the ingress metrics appear under on Ray's Prometheus endpoint."""
     names = {f"{RAY_PREFIX}{c}_total" for c in COUNTERS}
     names |= {f"{RAY_PREFIX}{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
-    return names | {f"{RAY_PREFIX}{g}" for g in GAUGES}
+    names |= {f"{RAY_PREFIX}{c}_total" for c in ABUSE_COUNTERS}
+    return names | {f"{RAY_PREFIX}{g}" for g in (*GAUGES, *ABUSE_GAUGES)}
 
 
 def inter_token_latency(record: RequestRecord) -> float | None:

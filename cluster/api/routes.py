@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette import EventSourceResponse
 
 from cluster.api import openapi
-from cluster.api.errors import documented, install_error_handlers, rate_headers
+from cluster.api.errors import documented, install_error_handlers, rate_headers, status_of
 from cluster.api.protocol import (
     MAX_USER_LENGTH,
     ChatCompletionRequest,
@@ -109,6 +109,7 @@ def _user_field(body: bytes) -> str | None:
 
 def create_app(service: InferenceService, extra_routers: list[APIRouter] | None = None) -> FastAPI:
     app = FastAPI(title="cluster: OpenAI-compatible LLM API", version="0.1.0")
+    service.status_of = status_of  # the ledger records the status the client got
 
     async def invalid(request: Request, error: InvalidRequest) -> None:
         """A 400 still counts against the key and user, for abuse monitoring."""

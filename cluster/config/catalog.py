@@ -124,16 +124,40 @@ class Streaming(_Strict):
 
 
 class Pricing(_Strict):
-    """USD per one million tokens."""
+    """USD per one million tokens. Costs are counted in whole nano-dollars (1e-9 USD), so
+    budgets, spend and the usage ledger add up exactly; a response's ``estimated_cost`` is
+    that figure in USD."""
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+    # Prompt tokens the engine served from its prefix cache (vLLM reports them as
+    # ``prompt_tokens_details.cached_tokens``); None: the input price.
+    cached_input_per_million: float | None = Field(None, ge=0)
     note: str | None = None  # where the price comes from
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        usd = (prompt_tokens * self.input_per_million
-               + completion_tokens * self.output_per_million) / 1_000_000
-        return round(usd, 10)
+    @model_validator(mode="after")
+    def _cached_not_dearer(self) -> Pricing:
+        if (self.cached_input_per_million or 0) > self.input_per_million:
+            raise ValueError("cached_input_per_million cannot exceed input_per_million")
+        return self
+
+    @property
+    def cached_per_million(self) -> float:
+        cached = self.cached_input_per_million
+        return self.input_per_million if cached is None else cached
+
+    def cost_nano(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+                  ) -> int:
+        """The cost in nano-dollars; ``cached_tokens`` are part of ``prompt_tokens``."""
+        cached = min(max(0, cached_tokens), max(0, prompt_tokens))
+        per_million = ((prompt_tokens - cached) * self.input_per_million
+                       + cached * self.cached_per_million
+                       + completion_tokens * self.output_per_million)
+        return round(per_million * 1000)  # USD per 1e6 tokens = 1000 nano-USD per token
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+             ) -> float:
+        return self.cost_nano(prompt_tokens, completion_tokens, cached_tokens) / 1e9
 
 
 class ModelSpec(_Strict):

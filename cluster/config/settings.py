@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,8 +47,17 @@ class LimitDefaults(BaseModel):
     redis_retry_s: float = Field(1.0, ge=0)  # after a failure, skip Redis this long
 
 
+AbuseAction = Literal["flag", "throttle", "block"]  # what the monitor does to a flagged user
+
+
 class AbuseRules(BaseModel):
-    """Rules that flag users of a key; evaluated when operators ask (``cluster users``)."""
+    """Rules that flag users of a key, and what the abuse monitor does about them.
+
+    One ingress replica at a time (the holder of a lease in Redis) evaluates the rules every
+    ``evaluate_every_s`` and applies each key's policy (:mod:`cluster.gate.monitor`); keys
+    without a policy get ``default_action``, ``throttle_rpm`` and ``action_minutes``.
+    ``cluster users flagged`` evaluates them on demand too.
+    """
 
     retention_minutes: int = Field(24 * 60, ge=10)  # activity buckets kept this long
     burst_factor: float = Field(5.0, gt=1)  # recent rate over N x the user's baseline
@@ -60,6 +70,39 @@ class AbuseRules(BaseModel):
     maxlen_share: float = Field(0.8, gt=0, le=1)
     maxlen_min_requests: int = Field(20, ge=1)
     spend_retention_days: int = Field(400, ge=1)
+    evaluate_every_s: float = Field(30, gt=0)
+    # A leader that stops renewing (its replica died) is replaced after this; None: 3 periods.
+    leader_lease_s: float | None = Field(None, gt=0)
+    default_action: AbuseAction = "flag"
+    throttle_rpm: int = Field(10, ge=1)  # requests/min of a throttled user
+    action_minutes: int = Field(60, ge=1)  # how long a throttle or block lasts
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_period(self) -> AbuseRules:
+        """The leader renews once a period: a lease no longer than that would lapse between
+        two renewals and let two replicas evaluate at once."""
+        if self.leader_lease_s is None:
+            self.leader_lease_s = 3 * self.evaluate_every_s
+        elif self.leader_lease_s <= self.evaluate_every_s:
+            raise ValueError("leader_lease_s must be longer than evaluate_every_s")
+        return self
+
+    @property
+    def lease_s(self) -> float:
+        """The leader lease, seconds (``leader_lease_s`` or its default)."""
+        return self.leader_lease_s or 3 * self.evaluate_every_s
+
+
+class LedgerSettings(BaseModel):
+    """The usage ledger (a Redis Stream, about 300 bytes a request) and settlement retries.
+    Env: ``CLUSTER_LEDGER__RETENTION_DAYS=35``. See :mod:`cluster.gate.ledger`."""
+
+    retention_days: float = Field(35, gt=0)  # entries older than this are trimmed
+    # A request's settlement is applied once within this long, however often it is retried.
+    dedupe_hours: float = Field(24, gt=0)
+    # Settlements kept in an ingress replica's memory while Redis is down, resent when it
+    # returns; beyond this many the oldest are dropped (counted and logged).
+    pending_max: int = Field(100_000, ge=0)
 
 
 class Settings(BaseSettings):
@@ -86,6 +129,7 @@ class Settings(BaseSettings):
     allow_anonymous: bool = False
     limits: LimitDefaults = LimitDefaults()
     abuse: AbuseRules = AbuseRules()
+    ledger: LedgerSettings = LedgerSettings()
 
     ingress_max_ongoing_requests: int = 1000
     ingress_min_replicas: int = 1

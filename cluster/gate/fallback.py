@@ -4,6 +4,9 @@ held in this ingress replica's memory.
 
 It is per replica: with N ingress replicas a key may get up to N times its limits during an
 outage (the limits are not divided by N, since replicas do not know how traffic is spread).
+Budgets: what Redis last said was left of the key's and the user's budgets (after that
+admission), spent down by this replica's admissions and credited back by their
+settlements; so a key may overspend by what the other replicas admit during the outage.
 It knows only keys this replica admitted from Redis before the outage (their last limits,
 blocked/revoked state and blocked users); other keys get a 503: failing open must not mean
 letting unknown keys in. ``tests/test_gate_parity.py`` runs it and the Lua script on the
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 
 from cluster.errors import RateLimitState
 from cluster.gate.redis_keys import scope_name
-from cluster.gate.scripts import SCOPE_BITS, WINDOW_MS, Decision, KnownKey
+from cluster.gate.scripts import SCOPE_BITS, WINDOW_MS, BudgetHold, Decision, KnownKey
 
 
 class _Window:
@@ -77,6 +80,8 @@ class FallbackLimiter:
     blocked_users: set[tuple[str, str]] = field(default_factory=set)
     _windows: dict[str, _Window] = field(default_factory=dict)
     _slots: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (key_id, user or "") -> [nano-dollars left, epoch ms when that budget resets]
+    budget_left: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     def remember(self, digest: str, key: KnownKey) -> None:
         self.known[digest] = key
@@ -86,6 +91,40 @@ class FallbackLimiter:
 
     def forget(self, digest: str) -> None:
         self.known.pop(digest, None)
+
+    def remember_budgets(self, key_id: str, user: str, hold: BudgetHold, now: int) -> None:
+        """What Redis said is left after an admission (-1: no budget, forgotten)."""
+        self._set_budget((key_id, ""), hold.key_left, now + hold.key_reset_ms)
+        if user:
+            self._set_budget((key_id, user), hold.user_left, now + hold.user_reset_ms)
+
+    def _set_budget(self, scope: tuple[str, str], left: int, reset_at: int) -> None:
+        if left < 0:
+            self.budget_left.pop(scope, None)
+        else:
+            self.budget_left[scope] = [left, reset_at]
+
+    def _budget_scopes(self, key_id: str, user: str, now: int) -> list[tuple[str, str]]:
+        scopes = [(key_id, "")] + ([(key_id, user)] if user else [])
+        for s in scopes:
+            if s in self.budget_left and self.budget_left[s][1] <= now:
+                del self.budget_left[s]  # its period ended: Redis will tell the new figure
+        return [s for s in scopes if s in self.budget_left]
+
+    def _check_budgets(self, key_id: str, user: str, reserve_nano: int, now: int
+                       ) -> Decision | None:
+        for scope in self._budget_scopes(key_id, user, now):
+            left, reset_at = self.budget_left[scope]
+            if reserve_nano > left:
+                return Decision("budget", "user" if scope[1] else "key", -1, -1,
+                                max(0, reset_at - now))
+        return None
+
+    def credit_budgets(self, key_id: str, user: str, nano: int) -> None:
+        """Give back ``nano`` (a settlement's reserve minus its real cost)."""
+        for scope in [(key_id, "")] + ([(key_id, user)] if user else []):
+            if scope in self.budget_left:
+                self.budget_left[scope][0] += nano
 
     def _window(self, name: str) -> _Window:
         return self._windows.setdefault(name, _Window())
@@ -98,7 +137,7 @@ class FallbackLimiter:
                 for kind, (rpm, tpm) in limits.items() if rpm > 0 or tpm > 0]
 
     def admit(self, key: KnownKey, *, user: str, model: str, reserve: int, slot_id: str,
-              model_tpm: int, now: int | None = None) -> Decision:
+              model_tpm: int, reserve_nano: int = 0, now: int | None = None) -> Decision:
         now = int(time.time() * 1000) if now is None else now
         if key.refusal:
             return Decision(key.refusal, "key")
@@ -112,6 +151,10 @@ class FallbackLimiter:
         refused = self._check(scopes, key, reserve, now)
         if refused:
             return refused
+        over = self._check_budgets(key.key_id, user, reserve_nano, now)
+        if over:
+            return self._report(over, scopes, now)
+        self.credit_budgets(key.key_id, user, -reserve_nano)
         for s in scopes:
             s.window.add(now, slot_id, reserve)
         if key.max_concurrent > 0:

@@ -12,7 +12,11 @@ blocking a key takes effect on every replica at the next request.
 Record ``RedisKeys.record(key_id)`` (a hash): ``hash, key_id, name, created, revoked, blocked``
 and the limits: ``rpm, tpm, max_concurrent`` (absent: the settings defaults; 0: no limit),
 ``user_rpm, user_tpm`` (per ``user`` value within the key; absent or 0: none), ``models``
-(``,a,b,`` or absent for all models).
+(``,a,b,`` or absent for all models); the USD budgets ``budget_day, budget_month,
+user_budget_day, user_budget_month`` in nano-dollars (absent: none; the admission script
+compares integers); the abuse policy ``abuse_action`` (flag, throttle or block),
+``abuse_throttle_rpm``, ``abuse_minutes`` (absent: the ``AbuseRules`` defaults; see
+:mod:`cluster.gate.monitor`).
 """
 
 from __future__ import annotations
@@ -23,16 +27,22 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
+from cluster.config.settings import AbuseAction
 from cluster.errors import InvalidRequest, KeyNotFound
 from cluster.gate.redis_keys import RedisKeys
 
 ANONYMOUS = "anonymous"
 LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "user_rpm", "user_tpm")
+BudgetName = Literal["day_usd", "month_usd", "user_day_usd", "user_month_usd"]
+# KeyBudgets field -> record field (nano-dollars)
+BUDGET_FIELDS: dict[str, str] = {"day_usd": "budget_day", "month_usd": "budget_month",
+                 "user_day_usd": "user_budget_day", "user_month_usd": "user_budget_month"}
+NANO = 1_000_000_000
 
 
 def hash_key(api_key: str) -> str:
@@ -56,6 +66,55 @@ class KeyLimits(BaseModel):
     user_tpm: int | None = Field(None, ge=0)
 
 
+class KeyBudgets(BaseModel):
+    """USD budgets of a key per UTC day and calendar month (UTC), and of each ``user`` of
+    the key. None: no budget. Admission reserves a request's worst-case cost against them."""
+
+    model_config = ConfigDict(strict=True)  # strict floats take 5 and 5.0, not "5" or false
+
+    day_usd: float | None = Field(None, ge=0, le=1e6)
+    month_usd: float | None = Field(None, ge=0, le=1e6)
+    user_day_usd: float | None = Field(None, ge=0, le=1e6)
+    user_month_usd: float | None = Field(None, ge=0, le=1e6)
+
+    def encoded(self) -> dict[str, str]:
+        """The record fields of the budgets set (nano-dollars)."""
+        return {BUDGET_FIELDS[k]: str(round(v * NANO)) for k, v in self.model_dump().items()
+                if v is not None}
+
+
+# AbusePolicy field -> record field
+POLICY_FIELDS = {"action": "abuse_action", "throttle_rpm": "abuse_throttle_rpm",
+                 "minutes": "abuse_minutes"}
+
+
+class AbusePolicy(BaseModel):
+    """What the abuse monitor does to a flagged user of the key: ``flag`` only records it,
+    ``throttle`` limits the user to ``throttle_rpm`` requests/min and ``block`` refuses the
+    user, both for ``minutes``. None: the settings default (``AbuseRules``)."""
+
+    model_config = ConfigDict(strict=True)
+
+    action: AbuseAction | None = None
+    throttle_rpm: int | None = Field(None, ge=1)
+    minutes: int | None = Field(None, ge=1)
+
+    def encoded(self) -> tuple[dict[str, str], list[str]]:
+        """(record fields to set, record fields to delete: back to the default)."""
+        values = {POLICY_FIELDS[k]: v for k, v in self.model_dump().items()}
+        return ({f: str(v) for f, v in values.items() if v is not None},
+                [f for f, v in values.items() if v is None])
+
+
+def _policy(raw: dict[str, str]) -> AbusePolicy | None:
+    if not any(raw.get(f) for f in POLICY_FIELDS.values()):
+        return None
+    action, rpm, minutes = (raw.get(f) or None for f in POLICY_FIELDS.values())
+    return AbusePolicy.model_validate(
+        {"action": action, "throttle_rpm": int(rpm) if rpm else None,
+         "minutes": int(minutes) if minutes else None})
+
+
 class KeyRecord(BaseModel):
     key_id: str
     name: str
@@ -63,7 +122,9 @@ class KeyRecord(BaseModel):
     revoked: bool = False
     blocked: bool = False
     limits: KeyLimits = KeyLimits()
+    budgets: KeyBudgets = KeyBudgets()
     models: list[str] | None = None  # None: every model
+    policy: AbusePolicy | None = None  # None: the settings' abuse defaults
 
 
 @dataclass
@@ -87,11 +148,14 @@ def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
 
 def _decode(raw: dict[str, str]) -> KeyRecord:
     limits = KeyLimits(**{f: int(raw[f]) for f in LIMIT_FIELDS if raw.get(f, "") != ""})
+    budgets = KeyBudgets(**{k: int(raw[f]) / NANO for k, f in BUDGET_FIELDS.items()
+                            if raw.get(f, "") != ""})
     models = raw.get("models")
     return KeyRecord(key_id=raw["key_id"], name=raw.get("name", ""),
                      created=float(raw.get("created", 0)), revoked=raw.get("revoked") == "1",
-                     blocked=raw.get("blocked") == "1", limits=limits,
-                     models=[m for m in models.split(",") if m] if models else None)
+                     blocked=raw.get("blocked") == "1", limits=limits, budgets=budgets,
+                     models=[m for m in models.split(",") if m] if models else None,
+                     policy=_policy(raw))
 
 
 class KeyStore:
@@ -103,7 +167,8 @@ class KeyStore:
 
     async def create(self, name: str, limits: KeyLimits | None = None,
                      models: Iterable[str] | None = None,
-                     secret: str | None = None) -> CreatedKey:
+                     secret: str | None = None, budgets: KeyBudgets | None = None
+                     ) -> CreatedKey:
         """A new key; ``secret`` imports an existing one (migrations, tests)."""
         secret = secret or "sk-" + secrets.token_urlsafe(32)
         digest = hash_key(secret)
@@ -112,6 +177,7 @@ class KeyStore:
                   "revoked": "0", "blocked": "0"}
         fields |= {k: str(v) for k, v in (limits or KeyLimits()).model_dump().items()
                    if v is not None}
+        fields |= (budgets or KeyBudgets()).encoded()
         encoded = _encode_models(models)
         if encoded:
             fields["models"] = encoded
@@ -161,6 +227,10 @@ class KeyStore:
     async def set_blocked(self, key_id: str, blocked: bool) -> KeyRecord:
         return await self._set(key_id, {"blocked": "1" if blocked else "0"})
 
+    async def set_policy(self, key_id: str, policy: AbusePolicy) -> KeyRecord:
+        """Replace the key's abuse policy; a field left None goes back to the default."""
+        return await self._set(key_id, *policy.encoded())
+
     async def set_limits(self, key_id: str, limits: KeyLimits, *, clear: Iterable[str] = (),
                          models: Iterable[str] | None = None, all_models: bool = False
                          ) -> KeyRecord:
@@ -177,13 +247,23 @@ class KeyStore:
         return await self._set(key_id, mapping, drop)
 
 
+    async def set_budgets(self, key_id: str, budgets: KeyBudgets, *, clear: Iterable[str] = ()
+                          ) -> KeyRecord:
+        """Set the budgets given (not None); ``clear`` names budgets to remove."""
+        bad = set(clear) - set(BUDGET_FIELDS)
+        if bad:
+            raise InvalidRequest(f"clear takes {', '.join(BUDGET_FIELDS)}", param="clear")
+        return await self._set(key_id, budgets.encoded(), [BUDGET_FIELDS[c] for c in clear])
+
+
 def create_key_now(redis_url: str, name: str, limits: KeyLimits | None = None,
-                   models: Iterable[str] | None = None, secret: str | None = None) -> CreatedKey:
+                   models: Iterable[str] | None = None, secret: str | None = None,
+                   budgets: KeyBudgets | None = None) -> CreatedKey:
     """Create a key from synchronous code (``cluster up``, test fixtures)."""
     async def create() -> CreatedKey:
         client = Redis.from_url(redis_url, decode_responses=True)
         try:
-            return await KeyStore(client).create(name, limits, models, secret)
+            return await KeyStore(client).create(name, limits, models, secret, budgets)
         finally:
             await client.aclose()
 

@@ -39,39 +39,63 @@ Redis is skipped for ``redis_retry_s`` and then tried again, so a dead Redis cos
 latency and the gate recovers by itself. ``redis_fail_mode=closed``: 503. ``open``:
 :class:`cluster.gate.fallback.FallbackLimiter`, the same limits per replica (not divided by
 the number of replicas), for keys this replica has seen. One log line per outage and
-counters in :attr:`RedisGate.stats` (exported as metrics). Settlements that fail are
-dropped (the reservation stays charged and the slot expires with its lease): conservative,
-never an overdraw.
+counters in :attr:`RedisGate.stats` (exported as metrics).
+
+Budgets (USD per key and per user of a key, per UTC day and month): admission reserves the
+request's worst-case cost (estimated prompt x input price + output limit x output price) in
+the same script as the other limits, settlement replaces it with the real cost, both in
+whole nano-dollars. Fail open: the in-memory limiter spends down what Redis last said was
+left (per replica, as the other limits); the requests are charged in Redis when their
+settlements get there.
+
+Settlements that cannot reach Redis are kept in memory (``ledger.pending_max``, oldest
+dropped first) and resent in order when Redis answers again: ``settle.lua`` is idempotent
+by request id, so a settlement whose reply was lost is never counted twice. Until then the
+reservations stay charged (conservative) and the slots expire with their lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import logging
 import secrets
 import time
-from dataclasses import dataclass, fields
+from collections import deque
+from dataclasses import dataclass, field, fields
 
 from redis.asyncio import Redis
 
 from cluster.config.catalog import ModelSpec
 from cluster.config.settings import RedisFailMode, Settings
 from cluster.errors import StoreUnavailable, Unauthenticated
-from cluster.gate.contract import Admission, Outcome, Usage
+from cluster.gate.contract import Admission, Ending, Outcome, Usage, ending_of
 from cluster.gate.fallback import FallbackLimiter
 from cluster.gate.keys import ANONYMOUS, hash_key, key_id_of
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.refusals import NO_KEY, refusal
-from cluster.gate.scripts import AdmitCall, Decision, KnownKey, RejectCall, Scripts, SettleCall
+from cluster.gate.scripts import (
+    AdmitCall,
+    BudgetHold,
+    Decision,
+    KnownKey,
+    RejectCall,
+    Scripts,
+    SettleCall,
+)
 from cluster.gate.store import UNAVAILABLE, make_client
 
 log = logging.getLogger(__name__)
+EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 @dataclass
 class RedisAdmission(Admission):
     scopes: tuple[str, ...] = ()  # window scopes holding the reservation ("k:..", "u:..")
     in_memory: bool = False  # admitted by the fallback limiter (Redis down, fail open)
+    reserved_nano: int = 0  # held against the budgets in ``budget``
+    budget: BudgetHold = field(default_factory=BudgetHold)
 
 
 @dataclass
@@ -82,7 +106,9 @@ class GateStats:
     outages: int = 0
     fallback_admissions: int = 0  # admitted in memory while Redis was down (fail open)
     unavailable: int = 0  # refused with 503 while Redis was down
-    settle_failures: int = 0
+    settle_failures: int = 0  # settlements that did not reach Redis at first (kept, resent)
+    settlements_resent: int = 0
+    settlements_dropped: int = 0  # past ledger.pending_max: lost to the ledger
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -102,6 +128,8 @@ class RedisGate:
         self.scripts = Scripts(redis)
         self._skip_until = 0.0  # monotonic; Redis is not tried before this
         self._down = False
+        self._pending: deque[SettleCall] = deque()
+        self._flushing: asyncio.Task[int] | None = None
 
     @classmethod
     def from_url(cls, url: str, conf: Settings, keys: RedisKeys | None = None
@@ -128,6 +156,8 @@ class RedisGate:
                         type(exc).__name__, self.conf.redis_fail_mode.value)
 
     def _succeeded(self) -> None:
+        if self._pending:
+            self._resend_pending()
         if self._down:
             self._down = False
             log.warning("Redis (limits store) reachable again; limits are shared again")
@@ -136,34 +166,46 @@ class RedisGate:
     def redis_down(self) -> bool:
         return self._down
 
+    @property
+    def pending_settlements(self) -> int:
+        """Settlements kept in memory, waiting for Redis."""
+        return len(self._pending)
+
     # --- admission
 
     async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
-                    reserve_tokens: int) -> Admission:
+                    reserve_tokens: int, reserve_cost: float = 0.0,
+                    endpoint: str = "chat") -> Admission:
         user = user or ""
         if not api_key and not self.conf.allow_anonymous:
             raise Unauthenticated(NO_KEY)
         digest = hash_key(api_key) if api_key else ""
         key_id = key_id_of(digest) if api_key else ANONYMOUS
-        call = self._admit_call(digest, key_id, user, model, max(0, int(reserve_tokens)))
+        call = self._admit_call(digest, key_id, user, model, max(0, int(reserve_tokens)),
+                                max(0, round(reserve_cost * 1e9)))
         decision, in_memory = await self._decide(call)
         if not decision.admitted:
-            raise refusal(decision, api_key or "", model.id, call.reserve)
+            raise refusal(decision, api_key or "", model.id, call.reserve,
+                          call.reserve_nano / 1e9)
         return RedisAdmission(key_id=key_id, user=user or None, model=model.id,
                               reserved_tokens=call.reserve, rate=decision.rate,
-                              slot_id=call.slot_id,
+                              slot_id=call.slot_id, reserved_cost=call.reserve_nano / 1e9,
+                              endpoint=endpoint,
                               scopes=decision.scopes(key_id, user, model.id),
-                              in_memory=in_memory)
+                              in_memory=in_memory, reserved_nano=call.reserve_nano,
+                              budget=decision.budget)
 
     def _admit_call(self, digest: str, key_id: str, user: str, model: ModelSpec,
-                    reserve: int) -> AdmitCall:
+                    reserve: int, reserve_nano: int) -> AdmitCall:
         lim, rules = self.limits, self.conf.abuse
         return AdmitCall(
             keys=self.keys, key_id=key_id, digest=digest, user=user, model=model.id,
-            reserve=reserve, slot_id=secrets.token_hex(8), default_rpm=lim.rpm,
-            default_tpm=lim.tpm, default_max_concurrent=lim.max_concurrent,
+            reserve=reserve, reserve_nano=reserve_nano, slot_id=secrets.token_hex(8),
+            default_rpm=lim.rpm, default_tpm=lim.tpm,
+            default_max_concurrent=lim.max_concurrent,
             model_tpm=self._model_tpm(model.id), lease_ms=self._lease_ms,
             abuse_ttl_s=rules.retention_minutes * 60,
+            spend_ttl_s=rules.spend_retention_days * 86400,
             max_length=reserve >= rules.maxlen_fraction * model.engine.max_model_len)
 
     async def _decide(self, call: AdmitCall) -> tuple[Decision, bool]:
@@ -192,6 +234,8 @@ class RedisGate:
             self.fallback.blocked_users.add((call.key_id, call.user))
         elif decision.admitted:
             self.fallback.blocked_users.discard((call.key_id, call.user))
+            self.fallback.remember_budgets(call.key_id, call.user, decision.budget,
+                                           int(time.time() * 1000))
 
     def _decide_in_memory(self, call: AdmitCall) -> Decision:
         if self.conf.redis_fail_mode == RedisFailMode.closed:
@@ -205,7 +249,8 @@ class RedisGate:
             raise StoreUnavailable(
                 "This API key cannot be verified: the limits store (Redis) is unreachable.")
         d = self.fallback.admit(known, user=call.user, model=call.model, reserve=call.reserve,
-                                slot_id=call.slot_id, model_tpm=call.model_tpm)
+                                slot_id=call.slot_id, model_tpm=call.model_tpm,
+                                reserve_nano=call.reserve_nano)
         self.stats.fallback_admissions += d.admitted
         return d
 
@@ -215,45 +260,96 @@ class RedisGate:
 
     # --- settlement
 
-    async def settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> None:
+    async def settle(self, admission: Admission, usage: Usage, ending: Ending | Outcome
+                     ) -> None:
         """Never raises; shielded so that a cancelled caller still settles."""
         if not isinstance(admission, RedisAdmission):
             return
         used = max(0, usage.prompt_tokens) + max(0, usage.completion_tokens)
+        call = self._settle_call(admission, usage, used, ending_of(ending))
         if admission.in_memory:
             self.fallback.settle(key_id=admission.key_id, slot_id=admission.slot_id,
                                  scopes=admission.scopes, used=used)
-            return
-        await asyncio.shield(self._settle_in_redis(admission, usage, used, outcome))
+            self.fallback.credit_budgets(admission.key_id, admission.user or "",
+                                         admission.reserved_nano - usage.cost_nano)
+        await asyncio.shield(self._settle_in_redis(call))
 
     def _settle_call(self, a: RedisAdmission, usage: Usage, used: int,
-                     outcome: Outcome) -> SettleCall:
-        rules = self.conf.abuse
+                     ending: Ending) -> SettleCall:
+        rules, now = self.conf.abuse, time.time()
+        day, month = a.budget.day, a.budget.month
+        if day < 0:  # admitted in memory: charged to the period it ended in
+            date = dt.datetime.fromtimestamp(now, dt.UTC).date()
+            day, month = date.toordinal() - EPOCH_ORDINAL, date.year * 12 + date.month - 1
+        held = not a.in_memory  # an in-memory admission holds nothing in Redis
         return SettleCall(
-            slots=self.keys.slots(a.key_id), windows=[self.keys.window(s) for s in a.scopes],
-            slot_id=a.slot_id, used=used, prompt_tokens=max(0, usage.prompt_tokens),
-            completion_tokens=max(0, usage.completion_tokens), cost=usage.estimated_cost,
-            outcome=outcome.value, user=a.user or "",
-            abuse_prefix=self.keys.abuse_prefix(a.key_id),
+            slots=self.keys.slots(a.key_id),
+            windows=[self.keys.window(s) for s in a.scopes] if held else [],
+            slot_id=a.slot_id, settled=self.keys.settled_prefix() + a.slot_id,
+            dedupe_s=int(self.conf.ledger.dedupe_hours * 3600), used=used,
+            prompt_tokens=max(0, usage.prompt_tokens),
+            completion_tokens=max(0, usage.completion_tokens),
+            cached_tokens=max(0, usage.cached_tokens), cost=usage.estimated_cost,
+            cost_nano=usage.cost_nano, reserved_nano=a.reserved_nano if held else 0,
+            budget_bits=a.budget.bits if held else 0, day=day, month=month,
+            outcome=ending.outcome.value, user=a.user or "", key_id=a.key_id, model=a.model,
+            endpoint=a.endpoint, status=ending.status, latency_ms=ending.latency_ms,
+            at_ms=int(now * 1000), abuse_prefix=self.keys.abuse_prefix(a.key_id),
             abuse_ttl_s=rules.retention_minutes * 60,
             spend_prefix=self.keys.spend_prefix(a.key_id),
-            spend_ttl_s=rules.spend_retention_days * 86400)
+            user_spend_prefix=self.keys.user_spend_prefix(a.key_id),
+            spend_ttl_s=rules.spend_retention_days * 86400, ledger=self.keys.ledger(),
+            ledger_retention_ms=int(self.conf.ledger.retention_days * 86_400_000))
 
-    async def _settle_in_redis(self, a: RedisAdmission, usage: Usage, used: int,
-                               outcome: Outcome) -> None:
-        if not self._redis_usable():
-            self.stats.settle_failures += 1
+    async def _settle_in_redis(self, call: SettleCall) -> None:
+        if self._redis_usable() and await self._send(call):
             return
+        self.stats.settle_failures += 1
+        self._keep(call)
+
+    async def _send(self, call: SettleCall) -> bool:
+        """One settlement to Redis; False when it did not get there (keep it)."""
         try:
-            await self.scripts.settle(self._settle_call(a, usage, used, outcome))
+            await self.scripts.settle(call)
         except UNAVAILABLE as exc:
             self._failed(exc)
-            self.stats.settle_failures += 1
-        except Exception:
-            log.exception("settlement failed for %s", a.key_id)
-            self.stats.settle_failures += 1
-        else:
-            self._succeeded()
+            return False
+        except Exception:  # a bug or a refused script: resending would fail the same way
+            log.exception("settlement failed for %s; dropped", call.key_id)
+            self.stats.settlements_dropped += 1
+            return True
+        self._succeeded()
+        return True
+
+    def _keep(self, call: SettleCall) -> None:
+        limit = self.conf.ledger.pending_max
+        if limit == 0:
+            self.stats.settlements_dropped += 1
+            return
+        if len(self._pending) >= limit:
+            self._pending.popleft()
+            self.stats.settlements_dropped += 1
+            if self.stats.settlements_dropped == 1:
+                log.error("more than %d settlements wait for Redis: dropping the oldest "
+                          "(lost to the ledger and the spend counters)", limit)
+        self._pending.append(call)
+
+    def _resend_pending(self) -> None:
+        if self._pending and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self.flush_pending())
+
+    async def flush_pending(self) -> int:
+        """Resend the kept settlements in order; stops at the first failure. Returns how
+        many reached Redis."""
+        sent = 0
+        while self._pending and self._redis_usable():
+            call = self._pending.popleft()  # taken first: two flushes never send one twice
+            if not await self._send(call):
+                self._pending.appendleft(call)
+                break
+            sent += 1
+        self.stats.settlements_resent += sent
+        return sent
 
     # --- refusals before admission
 
@@ -278,4 +374,10 @@ class RedisGate:
             self._succeeded()
 
     async def close(self) -> None:
+        """Resend what is kept (a replica going away loses only what Redis cannot take)."""
+        if self._pending:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush_pending(), timeout=5)
+        if self._pending:
+            log.error("%d settlements never reached Redis: lost to the ledger", len(self._pending))
         await self.redis.aclose()

@@ -29,6 +29,18 @@ class RedisKeys:
     def blocked_users(self, key_id: str) -> str:
         return f"{self.prefix}ublock:{key_id}"
 
+    def user_actions(self, key_id: str) -> str:
+        """Live abuse actions on users of a key (a hash user -> JSON; see the monitor)."""
+        return f"{self.prefix}uact:{key_id}"
+
+    def abuse_actions(self) -> str:
+        """Every abuse action taken or lifted (a stream; see :mod:`cluster.gate.actions`)."""
+        return f"{self.prefix}abuse:actions"
+
+    def abuse_leader(self) -> str:
+        """The lease of the one replica that evaluates the abuse rules (see the monitor)."""
+        return f"{self.prefix}abuse:leader"
+
     def window(self, scope: str) -> tuple[str, str]:
         """The sliding-window log (zset) and its token amounts (hash) of one scope."""
         return f"{self.prefix}win:{scope}", f"{self.prefix}wtok:{scope}"
@@ -41,7 +53,21 @@ class RedisKeys:
         return f"{self.prefix}ab:{key_id}:"  # + minute number
 
     def spend_prefix(self, key_id: str) -> str:
-        return f"{self.prefix}spend:{key_id}:"  # + UTC day number
+        """A key's spend: + UTC day number (a hash), or + "m" + month number (year*12 +
+        month - 1): requests, tokens, ``cost`` (USD), ``cost_nano`` and ``reserved_nano``."""
+        return f"{self.prefix}spend:{key_id}:"
+
+    def user_spend_prefix(self, key_id: str) -> str:
+        """The same per ``user`` of a key: + user + ":" + day, or + user + ":m" + month."""
+        return f"{self.prefix}uspend:{key_id}:"
+
+    def ledger(self) -> str:
+        """The usage ledger (a stream; see :mod:`cluster.gate.ledger`)."""
+        return f"{self.prefix}ledger"
+
+    def settled_prefix(self) -> str:
+        """+ request id: present once a request is settled (settlement is idempotent)."""
+        return f"{self.prefix}settled:"
 
     def auth_failures(self) -> str:
         return f"{self.prefix}authfail:"  # + minute number

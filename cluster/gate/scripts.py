@@ -29,10 +29,29 @@ def lua(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class BudgetHold:
+    """Which budgets hold an admission's worst-case cost (bits: 1 key/day, 2 key/month,
+    4 user/day, 8 user/month), the periods it is charged to (UTC day number, month
+    number year*12 + month - 1; -1: settlement's own), and what is left."""
+
+    bits: int = 0
+    day: int = -1
+    month: int = -1
+    # the least budget left after this admission, of the key and of the user (nano-dollars;
+    # -1: no budget), and in how long that budget resets: for fail-open mode
+    key_left: int = -1
+    key_reset_ms: int = 0
+    user_left: int = -1
+    user_reset_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Decision:
     """One admission verdict. ``code`` is ``ok`` or why it was refused (``invalid_api_key``,
     ``revoked``, ``key_blocked``, ``user_blocked``, ``model_not_allowed``, ``requests``,
-    ``tokens``, ``too_large``, ``concurrency``); ``scope`` the scope that refused."""
+    ``tokens``, ``too_large``, ``concurrency``, ``budget``); ``scope`` the scope that
+    refused (``throttled``: the user's rpm set by the abuse monitor); ``period`` the
+    budget's (``day``/``month``), whose ``limit`` and ``used`` are nano-dollars."""
 
     code: str
     scope: str = ""
@@ -41,6 +60,8 @@ class Decision:
     retry_ms: int = 0
     rate: RateLimitState = field(default_factory=RateLimitState)
     scope_bits: int = 0  # of the scopes holding the reservation, see SCOPE_BITS
+    period: str = ""
+    budget: BudgetHold = field(default_factory=BudgetHold, compare=False)  # not a verdict
 
     @property
     def admitted(self) -> bool:
@@ -74,6 +95,7 @@ class AdmitCall:
     user: str
     model: str
     reserve: int
+    reserve_nano: int  # the worst-case cost, held against the key's and user's budgets
     slot_id: str
     default_rpm: int
     default_tpm: int
@@ -81,14 +103,16 @@ class AdmitCall:
     model_tpm: int
     lease_ms: int
     abuse_ttl_s: int
+    spend_ttl_s: int
     max_length: bool
     now_ms: int | None = None  # tests only: otherwise Redis's clock
 
     def key_names(self) -> dict[str, str]:
-        """Every Redis key the script touches, by its role in the script."""
+        """Every Redis key the script touches, by its role in the script (the per-minute,
+        per-day and per-month buckets are named inside it from their prefixes)."""
         k = self.keys
         names = {"record": k.record(self.key_id), "blocked_users": k.blocked_users(self.key_id),
-                 "slots": k.slots(self.key_id)}
+                 "user_actions": k.user_actions(self.key_id), "slots": k.slots(self.key_id)}
         for kind in SCOPE_BITS:
             log, tokens = k.window(scope_name(kind, self.key_id, self.user, self.model))
             names |= {f"{kind}_log": log, f"{kind}_tokens": tokens}
@@ -100,7 +124,9 @@ class AdmitCall:
         fields |= {"keys": key_names, "window_ms": WINDOW_MS,
                    "anonymous": not self.digest,
                    "abuse_prefix": self.keys.abuse_prefix(self.key_id),
-                   "auth_failures_prefix": self.keys.auth_failures()}
+                   "auth_failures_prefix": self.keys.auth_failures(),
+                   "spend_prefix": self.keys.spend_prefix(self.key_id),
+                   "user_spend_prefix": self.keys.user_spend_prefix(self.key_id)}
         if self.now_ms is not None:
             fields["now_ms"] = self.now_ms
         return json.dumps(fields, separators=COMPACT)
@@ -110,7 +136,8 @@ def decode_admit(reply: str, key_id: str) -> tuple[Decision, KnownKey | None]:
     """admit.lua's reply: the decision, and what it says of the key (None: unknown key)."""
     r = json.loads(reply)  # cjson writes whole numbers as JSON integers
     decision = Decision(r["code"], r["scope"], r["limit"], r["used"], r["retry_ms"],
-                        RateLimitState(**r["rate"]), r["scope_bits"])
+                        RateLimitState(**r["rate"]), r["scope_bits"], r["period"],
+                        BudgetHold(**r["budget"]))
     if decision.code == "invalid_api_key":
         return decision, None
     if decision.code in ("revoked", "key_blocked"):
@@ -120,22 +147,43 @@ def decode_admit(reply: str, key_id: str) -> tuple[Decision, KnownKey | None]:
 
 @dataclass(frozen=True)
 class SettleCall:
+    """One settlement; built by the gate, kept and resent as is while Redis is down (the
+    script is idempotent by ``slot_id``, the request id)."""
+
     slots: str
     windows: list[tuple[str, str]]  # (log, tokens) of each scope holding the reservation
     slot_id: str
+    settled: str  # the request's settled marker
+    dedupe_s: int
     used: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     cost: float
+    cost_nano: int
+    reserved_nano: int
+    budget_bits: int
+    day: int
+    month: int
     outcome: str
     user: str
+    key_id: str
+    model: str
+    endpoint: str
+    status: int
+    latency_ms: int
+    at_ms: int
     abuse_prefix: str
     abuse_ttl_s: int
     spend_prefix: str
+    user_spend_prefix: str
     spend_ttl_s: int
+    ledger: str
+    ledger_retention_ms: int
 
     def script_keys(self) -> list[str]:
-        return [self.slots, *(name for pair in self.windows for name in pair)]
+        return [self.slots, *(name for pair in self.windows for name in pair), self.settled,
+                self.ledger]
 
     def argument(self) -> str:
         fields: dict[str, Any] = dict(vars(self))
@@ -174,9 +222,10 @@ class Scripts:
                                              args=[call.argument(names)])
         return decode_admit(reply, call.key_id)
 
-    async def settle(self, call: SettleCall) -> int:
-        return int(await self._scripts["settle"](keys=call.script_keys(),
-                                                 args=[call.argument()]))
+    async def settle(self, call: SettleCall) -> bool:
+        """Whether this call settled the request (False: it was settled before)."""
+        reply = await self._scripts["settle"](keys=call.script_keys(), args=[call.argument()])
+        return bool(json.loads(reply)["applied"])
 
     async def reject(self, call: RejectCall) -> int:
         return int(await self._scripts["reject"](keys=[call.record], args=[call.argument()]))

@@ -1,5 +1,6 @@
-"""Spend per key and UTC day, as settlement counts it (``settle.lua``): requests, prompt and
-completion tokens, estimated cost, errors and hang-ups, under ``RedisKeys.spend_prefix``."""
+"""Spend per key and UTC day, as settlement counts it (``settle.lua``): requests, prompt,
+completion and cached tokens, estimated cost (``cost`` USD and ``cost_nano``, exact), errors
+and hang-ups, under ``RedisKeys.spend_prefix``; budgets read the same hashes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ class SpendDay(BaseModel):
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     cost: float = 0.0
+    cost_nano: int = 0
+    reserved_nano: int = 0  # worst cases held by requests in flight
     errors: int = 0
     disconnected: int = 0
 
@@ -53,11 +57,23 @@ class SpendStore:
         return [self._spend_row(kid, day, raw)
                 for (kid, day), raw in zip(wanted, raws, strict=True) if raw]
 
+    async def budget_spend(self, key_id: str) -> tuple[int, int]:
+        """What the key spent today and this month (UTC), nano-dollars, as budgets count."""
+        seconds, _ = await self.redis.time()
+        now = dt.datetime.fromtimestamp(int(seconds), dt.UTC).date()
+        day = (now - dt.date(1970, 1, 1)).days
+        prefix = self.keys.spend_prefix(key_id)
+        got = [await self.redis.hget(f"{prefix}{p}", "cost_nano")
+               for p in (day, f"m{now.year * 12 + now.month - 1}")]
+        return int(got[0] or 0), int(got[1] or 0)
+
     @staticmethod
     def _spend_row(key_id: str, day: int, raw: dict[str, str]) -> SpendDay:
         values: dict[str, float] = defaultdict(float, {k: float(v) for k, v in raw.items()})
         return SpendDay(key_id=key_id, date=_date(day), requests=int(values["requests"]),
                         prompt_tokens=int(values["prompt_tokens"]),
                         completion_tokens=int(values["completion_tokens"]),
-                        cost=round(values["cost"], 10), errors=int(values["error"]),
+                        cached_tokens=int(values["cached_tokens"]),
+                        cost=round(values["cost"], 10), cost_nano=int(values["cost_nano"]),
+                        reserved_nano=int(values["reserved_nano"]), errors=int(values["error"]),
                         disconnected=int(values["disconnected"]))

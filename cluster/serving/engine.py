@@ -118,6 +118,7 @@ class VLLMEngine:
         from vllm.renderers.online_renderer import OnlineRenderer
 
         e = self.spec.engine
+        # prompt_tokens_details.cached_tokens (prefix-cache hits): priced lower per model
         tools: dict[str, Any] = {"enable_auto_tools": e.tool_call_parser is not None,
                  "tool_parser": e.tool_call_parser}
         common: dict[str, Any] = {"request_logger": None, "chat_template": e.chat_template,
@@ -130,10 +131,12 @@ class VLLMEngine:
         renderer.warmup()
         if Endpoint.chat in self.spec.endpoints:
             self._chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer,
+                                           enable_prompt_tokens_details=True,
                                            **common, **tools)
         if Endpoint.completion in self.spec.endpoints:
             self._completion = OpenAIServingCompletion(
-                llm, models, online_renderer=renderer, request_logger=None)
+                llm, models, online_renderer=renderer, request_logger=None,
+                enable_prompt_tokens_details=True)
 
     async def generate(self, call: EngineCall) -> EngineResult:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse

@@ -28,13 +28,14 @@ from cluster.errors import (
     RateLimitState,
     RequestTooLarge,
 )
-from cluster.gate.contract import Admission, Gate, Outcome, Usage
+from cluster.gate.contract import Admission, Ending, Gate, Outcome, Usage
 from cluster.serving.coalesce import close, coalesce
 from cluster.serving.messages import EngineCall, Rejected, StreamBatch, StreamItem
 from cluster.serving.observer import IngressMetrics, NullMetrics, RequestRecord
 from cluster.serving.router import ModelRouter
 
 DONE = b"data: [DONE]\n\n"
+StatusOf = Callable[[ClusterError], int]
 COMPACT = (",", ":")  # the engine's chunks are compact JSON: so is ours
 
 
@@ -95,6 +96,13 @@ class _Tally:
         self.outcome, self.error = Outcome.error, error
         return error
 
+    def status(self, status_of: StatusOf | None) -> int:
+        """The HTTP status the client got (a stream that failed midway had its 200; 0:
+        unknown, no API layer said how it renders errors)."""
+        if self.error is None or self.first_byte is not None:
+            return 200
+        return status_of(self.error) if status_of else 0
+
     def mark_first_byte(self) -> None:
         if self.first_byte is None:
             self.first_byte = time.perf_counter()
@@ -103,6 +111,13 @@ class _Tally:
 def _as_error(model: str, exc: BaseException, *, streaming: bool = False) -> ClusterError:
     return exc if isinstance(exc, ClusterError) else EngineFailed.of(model, exc,
                                                                       streaming=streaming)
+
+
+def cached_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens the engine served from its prefix cache (vLLM:
+    ``prompt_tokens_details.cached_tokens``; absent: none)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
 
 
 def _call(req: InferenceRequest) -> EngineCall:
@@ -137,6 +152,8 @@ class InferenceService:
         self.router = router
         self.gate = gate
         self.metrics = metrics or NullMetrics()
+        # how the API layer renders an error as HTTP (its one table), for the usage ledger
+        self.status_of: StatusOf | None = None
 
     def spec(self, model: str) -> ModelSpec:
         try:
@@ -155,10 +172,11 @@ class InferenceService:
             self.metrics.rejected(req.model, e)
             raise
         output = req.output_limit if req.output_limit is not None else spec.default_max_tokens
-        reserve = req.estimated_prompt_tokens() + req.choices * output
+        prompt, outputs = req.estimated_prompt_tokens(), req.choices * output
         try:
-            admission = await self.gate.admit(api_key=api_key, user=req.user, model=spec,
-                                              reserve_tokens=reserve)
+            admission = await self.gate.admit(
+                api_key=api_key, user=req.user, model=spec, reserve_tokens=prompt + outputs,
+                reserve_cost=spec.pricing.cost(prompt, outputs), endpoint=req.endpoint.value)
         except RequestTooLarge as e:  # larger than a limit: maybe than the model, too
             error = await self._context_error(req, spec) or e
             self.metrics.rejected(spec.id, error)
@@ -278,9 +296,13 @@ class InferenceService:
     def _priced(self, spec: ModelSpec, usage: Mapping[str, Any] | None) -> dict[str, Any]:
         usage = dict(usage or {})
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "estimated_cost": spec.pricing.cost(prompt, completion)}
+        cached = cached_tokens(usage)
+        priced: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                  "total_tokens": prompt + completion}
+        if usage.get("prompt_tokens_details") is not None:
+            priced["prompt_tokens_details"] = {"cached_tokens": cached}
+        priced["estimated_cost"] = spec.pricing.cost(prompt, completion, cached)
+        return priced
 
     async def _settle(self, req: InferenceRequest, spec: ModelSpec, admission: Admission,
                       tally: _Tally) -> None:
@@ -293,9 +315,11 @@ class InferenceService:
                            "completion_tokens": tally.chunks}
         priced = self._priced(spec, tally.usage)
         usage = Usage(priced["prompt_tokens"], priced["completion_tokens"],
-                      priced["estimated_cost"])
+                      priced["estimated_cost"], cached_tokens(priced))
+        ending = Ending(tally.outcome, status=tally.status(self.status_of),
+                        latency_ms=round((time.perf_counter() - tally.started) * 1000))
         try:
-            await asyncio.shield(self.gate.settle(admission, usage, tally.outcome))
+            await asyncio.shield(self.gate.settle(admission, usage, ending))
         finally:  # even when cancelled while waiting for the shielded settlement
             self._record(req, spec, tally, usage)
 

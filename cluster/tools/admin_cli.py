@@ -25,15 +25,17 @@ from cluster.api.errors import status_of
 from cluster.config.settings import Settings
 from cluster.errors import ClusterError
 from cluster.gate.abuse import AbuseStore
+from cluster.gate.actions import ActionEntry, ActionLog, UserActions, lift_hold_minutes
 from cluster.gate.audit import AuditLog
-from cluster.gate.keys import LIMIT_FIELDS, CreatedKey, KeyLimits, KeyRecord, KeyStore
+from cluster.gate.keys import LIMIT_FIELDS, AbusePolicy, CreatedKey, KeyLimits, KeyRecord, KeyStore
 from cluster.gate.spend import SpendStore
 from cluster.gate.store import make_client, store_errors
 
 T = TypeVar("T")
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list, revoke, limit, block API keys.")
-users_app = typer.Typer(no_args_is_help=True, help="Top and flagged users; block users.")
+users_app = typer.Typer(no_args_is_help=True,
+                        help="Top and flagged users; block users; abuse actions, lifted.")
 spend_app = typer.Typer(help="Spend per key and day.")
 console = Console()
 
@@ -184,6 +186,32 @@ def unblock_key(key_id: KeyId, redis_url: RedisUrl = None) -> None:
         r, "unblock_key", key_id, {}, KeyStore(r).set_blocked(key_id, False)))]))
 
 
+@keys_app.command("policy")
+def set_policy(key_id: KeyId, redis_url: RedisUrl = None,
+               action: Annotated[str | None, typer.Option(
+                   help="What the abuse monitor does to a flagged user: flag (record only), "
+                        "throttle or block.")] = None,
+               throttle_rpm: Annotated[int | None, typer.Option(
+                   min=1, help="Requests/min of a throttled user.")] = None,
+               minutes: Annotated[int | None, typer.Option(
+                   min=1, help="How long a throttle or block lasts.")] = None) -> None:
+    """Set the key's abuse policy (an option left out: the settings' default)."""
+    if action not in (None, "flag", "throttle", "block"):
+        _fail(f"--action takes flag, throttle or block; not {action!r}")
+    policy = AbusePolicy.model_validate({"action": action, "throttle_rpm": throttle_rpm,
+                                         "minutes": minutes})
+    record = run(redis_url, lambda r: audited(
+        r, "set_abuse_policy", key_id, policy.model_dump(),
+        KeyStore(r).set_policy(key_id, policy)))
+    rules = Settings().abuse
+    p = record.policy or AbusePolicy()
+    table = Table("key_id", "action", "throttle rpm", "minutes")
+    table.add_row(record.key_id, p.action or f"{rules.default_action} (default)",
+                  str(p.throttle_rpm or f"{rules.throttle_rpm} (default)"),
+                  str(p.minutes or f"{rules.action_minutes} (default)"))
+    console.print(table)
+
+
 def _abuse(r: Redis) -> AbuseStore:
     return AbuseStore(r, Settings().abuse)
 
@@ -237,6 +265,49 @@ def blocked_users(key_id: KeyId, redis_url: RedisUrl = None) -> None:
         print(user)
 
 
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
+
+
+def action_table(entries: list[ActionEntry]) -> Table:
+    table = Table("when (UTC)", "key_id", "user", "action", "rule", "until (UTC)", "rpm",
+                  "live", "actor", "detail")
+    for e in entries:
+        table.add_row(_when(e.at_ms), e.key_id, e.user or "(none)", e.action, e.rule,
+                      _when(e.until_ms), str(e.rpm) if e.rpm else "",
+                      "live" if e.live else "", e.actor, e.detail)
+    return table
+
+
+@users_app.command("actions")
+def user_actions(redis_url: RedisUrl = None,
+                 key: Annotated[str | None, typer.Option(help="Only this key id.")] = None,
+                 limit: Annotated[int, typer.Option(min=1, help="Newest to show.")] = 50
+                 ) -> None:
+    """What the abuse monitor did (flagged, throttled, blocked, expired) and operators lifted,
+    newest first; "live" marks the actions in force now."""
+    console.print(action_table(run(redis_url, lambda r: ActionLog(r).recent(key, limit))))
+
+
+async def _lift(r: Redis, key_id: str, user: str) -> ActionEntry | None:
+    await KeyStore(r).get(key_id)  # refuse unknown key ids
+    return await UserActions(r).lift(key_id, user, actor(),
+                                     lift_hold_minutes(Settings().abuse))
+
+
+@users_app.command("lift")
+def lift_user(key_id: KeyId, user: str, redis_url: RedisUrl = None) -> None:
+    """Lift the live throttle or block of USER; the monitor leaves the user alone for the
+    rules' longest window."""
+    entry = run(redis_url, lambda r: audited(r, "lift_user", f"{key_id} user={user}",
+                                             {"user": user}, _lift(r, key_id, user)))
+    if entry is None:
+        console.print(f"{user!r} of {key_id} has no live throttle or block")
+        return
+    console.print(f"lifted the {entry.detail.split()[0]} of {user!r} of {key_id}; the "
+                  f"monitor leaves the user alone until {_when(entry.until_ms)} UTC")
+
+
 @spend_app.callback(invoke_without_command=True)
 def spend(redis_url: RedisUrl = None,
           key: Annotated[str | None, typer.Option(help="Only this key id.")] = None,
@@ -257,7 +328,8 @@ def audit(redis_url: RedisUrl = None,
           limit: Annotated[int, typer.Option(min=1, help="Newest entries to show.")] = 50,
           action: Annotated[str | None, typer.Option(
               help="Only this action (create_key, revoke_key, set_limits, block_key, "
-                   "unblock_key, block_user, unblock_user, denied, locked_out).")] = None,
+                   "unblock_key, block_user, unblock_user, set_abuse_policy, lift_user, "
+                   "denied, locked_out).")] = None,
           ) -> None:
     """The audit log: who changed what and when (admin API and CLI), newest first."""
     entries = run(redis_url, lambda r: AuditLog(r).recent(limit, action))

@@ -12,12 +12,13 @@ import typer
 
 from cluster.config.catalog import load_catalog
 from cluster.config.settings import Profile, Settings
-from cluster.tools import admin_cli
+from cluster.tools import admin_cli, billing_cli
 from cluster.tools.k8s import k8s_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Run and operate the OpenAI-compatible LLM cluster.")
 admin_cli.mount(app)  # keys, users, spend
+billing_cli.mount(app)  # usage (and keys budget)
 app.add_typer(k8s_app, name="k8s")
 models_app = typer.Typer(no_args_is_help=True, help="The built-in models.")
 app.add_typer(models_app, name="models")

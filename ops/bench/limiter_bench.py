@@ -9,7 +9,11 @@ event loop), which is what an ingress replica pays. Gates measured:
 
 - ``off``: :class:`cluster.gate.contract.OpenGate` (no keys, no limits);
 - ``redis``: a key with rpm, tpm and concurrency limits, requests giving ``user``;
-- ``redis+all``: also per-user limits and a global per-model TPM (three window scopes).
+- ``redis+all``: also per-user limits and a global per-model TPM (three window scopes);
+- ``redis+budget``: ``redis`` with USD budgets per day and month on the key and on each
+  user (four budget scopes reserved at admission and charged at settlement).
+
+Every settlement appends the request to the usage ledger (a Redis Stream), in all three.
 
 Usage: ``python ops/bench/limiter_bench.py [--requests 3000] [--redis-url URL] [--json]``
 """
@@ -28,7 +32,7 @@ from dataclasses import asdict, dataclass
 from cluster.config.catalog import ModelSpec
 from cluster.config.settings import LimitDefaults, Settings
 from cluster.gate.contract import Gate, OpenGate, Outcome, Usage
-from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.keys import KeyBudgets, KeyLimits, KeyStore
 from cluster.gate.redis_gate import RedisGate
 from cluster.gate.redis_keys import RedisKeys
 from cluster.tools.redis_server import local_redis
@@ -39,6 +43,9 @@ MODEL = ModelSpec.model_validate({
     "pricing": {"input_per_million": 1.0, "output_per_million": 2.0}})
 BIG = 10**9  # limits that are checked on every request but never reached
 USAGE = Usage(prompt_tokens=50, completion_tokens=100, estimated_cost=0.00025)
+RESERVE_COST = MODEL.pricing.cost(100, 500)  # the worst case of the 600 tokens reserved
+BUDGETS = KeyBudgets(day_usd=1e6, month_usd=1e6, user_day_usd=1e6, user_month_usd=1e6)
+VARIANTS = ("redis", "redis+all", "redis+budget")
 
 
 @dataclass
@@ -62,7 +69,8 @@ async def client(gate: Gate, key: str | None, user: str, n: int,
                  admits: list[float], totals: list[float]) -> None:
     for _ in range(n):
         start = time.perf_counter()
-        admission = await gate.admit(api_key=key, user=user, model=MODEL, reserve_tokens=600)
+        admission = await gate.admit(api_key=key, user=user, model=MODEL, reserve_tokens=600,
+                                     reserve_cost=RESERVE_COST)
         admitted = time.perf_counter()
         await gate.settle(admission, USAGE, Outcome.ok)
         done = time.perf_counter()
@@ -84,14 +92,16 @@ async def measure(name: str, gate: Gate, key: str | None, clients: int, requests
                pct(totals, 0.5), pct(totals, 0.99), len(totals) / elapsed)
 
 
-async def redis_gate(url: str, all_scopes: bool) -> tuple[RedisGate, str]:
+async def redis_gate(url: str, variant: str) -> tuple[RedisGate, str]:
+    all_scopes = variant == "redis+all"
     model_tpm = {MODEL.id: BIG} if all_scopes else {}
     conf = Settings(limits=LimitDefaults(model_tpm=model_tpm))
-    gate = RedisGate.from_url(url, conf, RedisKeys(f"bench{int(all_scopes)}:"))
+    gate = RedisGate.from_url(url, conf, RedisKeys(f"bench{VARIANTS.index(variant)}:"))
     limits = KeyLimits(rpm=BIG, tpm=BIG, max_concurrent=1000,
                        user_rpm=BIG if all_scopes else None,
                        user_tpm=BIG if all_scopes else None)
-    created = await KeyStore(gate.redis, gate.keys).create("bench", limits)
+    budgets = BUDGETS if variant == "redis+budget" else None
+    created = await KeyStore(gate.redis, gate.keys).create("bench", limits, budgets=budgets)
     return gate, created.secret
 
 
@@ -118,11 +128,10 @@ async def run(url: str, requests: int) -> list[Row]:
     rows = []
     for clients in (1, 50):
         rows.append(await measure("off", OpenGate(), None, clients, requests))
-        for all_scopes in (False, True):
-            gate, key = await redis_gate(url, all_scopes)
+        for variant in VARIANTS:
+            gate, key = await redis_gate(url, variant)
             try:
-                name = "redis+all" if all_scopes else "redis"
-                rows.append(await measure(name, gate, key, clients, requests))
+                rows.append(await measure(variant, gate, key, clients, requests))
             finally:
                 await drop_prefix(gate)  # a fresh window log for the next level
                 await gate.close()
@@ -130,11 +139,11 @@ async def run(url: str, requests: int) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'gate':<10} {'clients':>7} {'requests':>8} {'admit p50':>10} {'admit p99':>10} "
+    head = (f"{'gate':<12} {'clients':>7} {'requests':>8} {'admit p50':>10} {'admit p99':>10} "
             f"{'a+s p50':>9} {'a+s p99':>9} {'req/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.gate:<10} {r.clients:>7} {r.requests:>8} {r.admit_p50_ms:>8.3f}ms "
+        lines.append(f"{r.gate:<12} {r.clients:>7} {r.requests:>8} {r.admit_p50_ms:>8.3f}ms "
                      f"{r.admit_p99_ms:>8.3f}ms {r.total_p50_ms:>7.3f}ms "
                      f"{r.total_p99_ms:>7.3f}ms {r.per_second:>8.0f}")
     return "\n".join(lines)
@@ -151,6 +160,11 @@ def added(rows: list[Row]) -> str:
                            f"p50 {r.total_p50_ms - off.total_p50_ms:.3f} ms, "
                            f"p99 {r.total_p99_ms - off.total_p99_ms:.3f} ms "
                            f"(admit alone p50 {r.admit_p50_ms - off.admit_p50_ms:.3f} ms)")
+        base = next(r for r in rows if r.clients == clients and r.gate == "redis")
+        budget = next(r for r in rows if r.clients == clients and r.gate == "redis+budget")
+        out.append(f"budgets at {clients} client(s) add admit p50 "
+                   f"{budget.admit_p50_ms - base.admit_p50_ms:.3f} ms, admit+settle p50 "
+                   f"{budget.total_p50_ms - base.total_p50_ms:.3f} ms over redis")
     return "\n".join(out)
 
 

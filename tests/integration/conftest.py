@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from cluster.config.catalog import ModelSpec, load_spec
-from cluster.config.settings import LimitDefaults, Settings
+from cluster.config.settings import AbuseRules, LimitDefaults, Settings
 from cluster.tools.checkout import REPO_ROOT
 from cluster.tools.redis_server import free_port
 from cluster.tools.stack import LocalStack
@@ -25,14 +25,16 @@ TINY_B = "test/tiny-b"
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def tiny_spec(model_id: str, path: Path) -> ModelSpec:
+def tiny_spec(model_id: str, path: Path, cached_price: float | None = None) -> ModelSpec:
+    pricing = {"input_per_million": 1.5, "output_per_million": 3.0,
+               "cached_input_per_million": cached_price}
     return ModelSpec.model_validate({
         "id": model_id, "profile": "local", "source": {"path": str(path)},
         "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True,
                    "max_num_seqs": 8},
         "resources": {"num_cpus": 0.25},
         "max_ongoing_requests": 16,
-        "pricing": {"input_per_million": 1.5, "output_per_million": 3.0}})
+        "pricing": pricing})
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +45,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def stack(tiny_model: Path) -> Iterator[LocalStack]:
     smol = load_spec(REPO_ROOT / "deployments" / "smollm2-135m-instruct.yaml")
-    specs = [tiny_spec(TINY_A, tiny_model), tiny_spec(TINY_B, tiny_model), smol]
+    # tiny-b prices prompt tokens served from the prefix cache at a fifth (billing tests)
+    specs = [tiny_spec(TINY_A, tiny_model), tiny_spec(TINY_B, tiny_model, cached_price=0.3),
+             smol]
     # Limits high enough for the shared key; two ingress replicas: limits must hold across them.
+    # The abuse monitor evaluates every 2 s and flags bursts from 10 requests (the default
+    # policy only records flags, so other tests' users are never throttled).
     settings = Settings(limits=LimitDefaults(rpm=100_000, tpm=0, max_concurrent=0),
+                        abuse=AbuseRules(evaluate_every_s=2, burst_min_requests=10),
                         ingress_min_replicas=2, ingress_max_replicas=2)
     stack = LocalStack(specs, settings, port=free_port())  # with the dashboard, as `up`
     try:

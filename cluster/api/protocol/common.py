@@ -169,11 +169,17 @@ def text_tokens(chars: int) -> int:
     return chars // 3 + 8
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
+
+
 class UsageOut(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    estimated_cost: float = Field(description="USD, from the model's per-token prices")
+    prompt_tokens_details: PromptTokensDetails | None = None
+    estimated_cost: float = Field(description="USD, from the model's per-token prices "
+                                  "(cached prompt tokens at the model's cached price)")
 
 
 class ResponseOut(BaseModel):

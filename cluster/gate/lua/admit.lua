@@ -3,13 +3,15 @@
 -- argument and the reply are JSON objects with named fields, encoded and decoded in one
 -- place: cluster/gate/scripts.py (AdmitCall, Decision). KEYS lists every key touched.
 --
--- ARGV[1]: {keys = {record, blocked_users, slots, key_log, key_tokens, user_log,
---           user_tokens, model_log, model_tokens}, abuse_prefix, auth_failures_prefix,
---           digest, user ('' none), model, reserve, slot_id, default_rpm, default_tpm,
---           default_max_concurrent, model_tpm (0 none), window_ms, lease_ms, abuse_ttl_s,
---           max_length, anonymous, now_ms (tests only; else Redis's TIME)}
--- Returns {code, scope, limit, used, retry_ms, rate = {...}, key = {...}, scope_bits}:
--- code 'ok' admitted; anything else refused, with nothing reserved. -1: no such limit.
+-- ARGV[1]: {keys = {record, blocked_users, user_actions, slots, key_log, key_tokens,
+--           user_log, user_tokens, model_log, model_tokens}, abuse_prefix,
+--           auth_failures_prefix, spend_prefix, user_spend_prefix, spend_ttl_s, digest,
+--           user ('' none), model, reserve, reserve_nano (worst-case cost), slot_id,
+--           default_rpm, default_tpm, default_max_concurrent, model_tpm (0 none), window_ms,
+--           lease_ms, abuse_ttl_s, max_length, anonymous, now_ms (tests only; else TIME)}
+-- Returns {code, scope, limit, used, retry_ms, period, rate = {...}, key = {...},
+-- scope_bits, budget = {bits, day, month}}: code 'ok' admitted; anything else refused,
+-- with nothing reserved. -1: no such limit.
 
 local req = cjson.decode(ARGV[1])
 local K = req.keys
@@ -23,6 +25,27 @@ local reserve, slot = req.reserve, req.slot_id
 local window, lease = req.window_ms, req.lease_ms
 local cutoff = now - window
 local minute = math.floor(now / 60000)
+local day = math.floor(now / 86400000)
+
+-- the UTC calendar date of a day number (H. Hinnant's civil_from_days)
+local function civil(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return y, m, d
+end
+local year, month_of_year, mday = civil(day)
+local month = year * 12 + month_of_year - 1
+local leap = (year % 4 == 0 and year % 100 ~= 0) or year % 400 == 0
+local month_days = ({31, leap and 29 or 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31})
+                   [month_of_year]
 
 local function num(v, default)
   if v and v ~= '' then return tonumber(v) end
@@ -38,6 +61,10 @@ end
 -- scopes: {name, log, tokens, rpm, tpm, scope bit, count, token sum}
 local scopes = {}
 local rpm, tpm, conc, urpm, utpm, models
+local budget_limits = {}  -- record field -> nano-dollars, for the budgets the key has
+-- per scope kind, the least budget left after this request and when that budget resets
+-- (for the in-memory limiter of fail-open mode); -1: no budget
+local left = {key = {-1, 0}, user = {-1, 0}}
 
 -- when the entry at 0-based rank `rank` leaves the window
 local function expiry_of_rank(z, rank)
@@ -47,7 +74,7 @@ local function expiry_of_rank(z, rank)
 end
 
 -- header values: per dimension, the scope with the least remaining
-local function report(code, scope, limit, used, retry_ms, bits)
+local function report(code, scope, limit, used, retry_ms, bits, budget_bits, period)
   local lr, rr, tr, lt, rt, tt = -1, -1, 0, -1, -1, 0
   for _, s in ipairs(scopes) do
     if s[7] then
@@ -66,13 +93,16 @@ local function report(code, scope, limit, used, retry_ms, bits)
            models = models}
   end
   return cjson.encode({code = code, scope = scope, limit = limit or -1, used = used or 0,
-    retry_ms = retry_ms or 0, scope_bits = bits or 0, key = key,
+    retry_ms = retry_ms or 0, scope_bits = bits or 0, key = key, period = period or '',
+    budget = {bits = budget_bits or 0, day = day, month = month,
+              key_left = left.key[1], key_reset_ms = left.key[2],
+              user_left = left.user[1], user_reset_ms = left.user[2]},
     rate = {limit_requests = lr, remaining_requests = rr, reset_requests_ms = tr,
             limit_tokens = lt, remaining_tokens = rt, reset_tokens_ms = tt}})
 end
 
-local function refuse(code, scope, limit, used, retry_ms)
-  return report(code, scope, limit, used, retry_ms, 0)
+local function refuse(code, scope, limit, used, retry_ms, period)
+  return report(code, scope, limit, used, retry_ms, 0, 0, period)
 end
 
 -- 1. who is calling, and may they
@@ -81,7 +111,8 @@ if req.anonymous then
   urpm, utpm, models = 0, 0, ''
 else
   local rec = redis.call('HMGET', K.record, 'hash', 'revoked', 'blocked', 'rpm', 'tpm',
-                         'max_concurrent', 'user_rpm', 'user_tpm', 'models')
+                         'max_concurrent', 'user_rpm', 'user_tpm', 'models', 'budget_day',
+                         'budget_month', 'user_budget_day', 'user_budget_month')
   if not rec[1] or rec[1] ~= digest then
     local fails = req.auth_failures_prefix .. minute
     redis.call('INCR', fails)
@@ -96,10 +127,26 @@ else
   rpm, tpm, conc = num(rec[4], req.default_rpm), num(rec[5], req.default_tpm),
                    num(rec[6], req.default_max_concurrent)
   urpm, utpm, models = num(rec[7], 0), num(rec[8], 0), rec[9] or ''
+  budget_limits = {key_day = num(rec[10]), key_month = num(rec[11]),
+                   user_day = num(rec[12]), user_month = num(rec[13])}
 end
 if user ~= '' and redis.call('SISMEMBER', K.blocked_users, user) == 1 then
   bump({'rej', 'rej:forbidden'})
   return refuse('user_blocked', 'user')
+end
+-- a live abuse action on this user (written by the abuse monitor; expired ones are ignored)
+local throttled = false
+if user ~= '' then
+  local raw = redis.call('HGET', K.user_actions, user)
+  local act = raw and cjson.decode(raw)
+  if act and act.until_ms > now then
+    if act.action == 'block' then
+      bump({'rej', 'rej:forbidden'})
+      return refuse('user_blocked', 'user', -1, 0, act.until_ms - now)
+    elseif act.action == 'throttle' and act.rpm > 0 and (urpm == 0 or act.rpm < urpm) then
+      urpm, throttled = act.rpm, true
+    end
+  end
 end
 if models ~= '' and not string.find(models, ',' .. model .. ',', 1, true) then
   bump({'rej', 'rej:forbidden'})
@@ -160,7 +207,8 @@ end
 local function check_scope(s)
   if s[4] > 0 and s[7] + 1 > s[4] then
     bump({'rej', 'rej:rate_limited'})
-    return refuse('requests', s[1], s[4], s[7], expiry_of_rank(s[2], s[7] - s[4]))
+    local scope = (s[1] == 'user' and throttled) and 'throttled' or s[1]
+    return refuse('requests', scope, s[4], s[7], expiry_of_rank(s[2], s[7] - s[4]))
   end
   if s[5] > 0 and reserve > s[5] then
     bump({'rej', 'rej:rate_limited'})
@@ -186,7 +234,41 @@ if conc > 0 then
   end
 end
 
+-- 3b. budgets (USD, in nano-dollars): spent + reserved + this request's worst case
+local reserve_nano = req.reserve_nano
+local day_left = 86400000 - (now - day * 86400000)
+local month_left = day_left + (month_days - mday) * 86400000
+local budgets = {}  -- {hash, bit}
+local function add_budget(field, scope, period, hash, bit, reset)
+  local limit = budget_limits[field]
+  if not limit then return nil end
+  local got = redis.call('HMGET', hash, 'cost_nano', 'reserved_nano')
+  local used = num(got[1], 0) + num(got[2], 0)
+  if used + reserve_nano > limit then
+    bump({'rej', 'rej:insufficient_quota'})
+    return refuse('budget', scope, limit, used, reset, period)
+  end
+  table.insert(budgets, {hash, bit})
+  local rest = limit - used - reserve_nano
+  if left[scope][1] < 0 or rest < left[scope][1] then left[scope] = {rest, reset} end
+  return nil
+end
+local sp, usp = req.spend_prefix, req.user_spend_prefix
+local refused = add_budget('key_day', 'key', 'day', sp .. day, 1, day_left)
+  or add_budget('key_month', 'key', 'month', sp .. 'm' .. month, 2, month_left)
+if not refused and user ~= '' then
+  refused = add_budget('user_day', 'user', 'day', usp .. user .. ':' .. day, 4, day_left)
+    or add_budget('user_month', 'user', 'month', usp .. user .. ':m' .. month, 8, month_left)
+end
+if refused then return refused end
+
 -- 4. reserve, count, and report
+local budget_bits = 0
+for _, b in ipairs(budgets) do
+  redis.call('HINCRBY', b[1], 'reserved_nano', reserve_nano)
+  redis.call('EXPIRE', b[1], req.spend_ttl_s)
+  budget_bits = budget_bits + b[2]
+end
 local bits = 0
 for _, s in ipairs(scopes) do
   redis.call('ZADD', s[2], now, slot)
@@ -203,4 +285,4 @@ if conc > 0 then
 end
 if req.max_length then bump({'req', 'maxlen'}) else bump({'req'}) end
 
-return report('ok', '', -1, 0, 0, bits)
+return report('ok', '', -1, 0, 0, bits, budget_bits)
