@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from cluster.gate.redis_keys import RedisKeys
 from cluster.tools.redis_server import RedisServer, local_redis
+from tests.limits_support import fresh_names
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +21,9 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture
+def names() -> RedisKeys:
+    """A key prefix of this test's own on the shared server."""
+    return fresh_names()

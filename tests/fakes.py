@@ -37,6 +37,7 @@ class FakeEngine:
         self.aborted = 0
         self.delay_s = 0.0
         self.fail_after: int | None = None  # raise mid-stream after this many words
+        self.cached_tokens: int | None = None  # report prompt_tokens_details, as vLLM does
         self.last_payload: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -85,8 +86,10 @@ class FakeEngine:
         if call.endpoint is Endpoint.completion and not isinstance(payload["prompt"], str) \
                 and not isinstance(payload["prompt"][0], int):
             n *= len(payload["prompt"])
-        usage = {"prompt_tokens": prompt, "completion_tokens": n * len(words),
-                 "total_tokens": prompt + n * len(words)}
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": n * len(words),
+                                 "total_tokens": prompt + n * len(words)}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         chat = call.endpoint is Endpoint.chat
         head = {"id": "chatcmpl-fake" if chat else "cmpl-fake", "created": int(time.time()),
                 "model": self.spec.id}

@@ -18,7 +18,7 @@ from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.store import make_client
 from cluster.tools.cli import app
 from tests.limits_support import fresh_names, settings
-from tests.test_admin import ADMIN, admin_app
+from tests.support.admin import ADMIN, admin_app
 
 runner = CliRunner()
 
@@ -129,11 +129,6 @@ def test_cli_shows_and_lifts_actions(redis_url: str, key_id: str) -> None:
 
 
 # --- the admin API
-
-
-@pytest.fixture
-def names() -> RedisKeys:
-    return fresh_names()
 
 
 @pytest.fixture

@@ -9,40 +9,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from redis.asyncio import Redis
 
-from cluster.api.admin import make_admin_router
-from cluster.api.errors import install_error_handlers, status_of
+from cluster.api.errors import status_of
 from cluster.config.settings import Settings
 from cluster.errors import ClusterError
 from cluster.gate.audit import AuditLog
 from cluster.gate.contract import Outcome, Usage
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.store import make_client
-from tests.limits_support import fresh_names, open_gate, settings, spec
-
-ADMIN = {"Authorization": "Bearer admin"}
-
-
-def admin_app(redis_url: str, names: RedisKeys, conf: Settings) -> FastAPI:
-    clients: list[Redis] = []
-
-    def redis() -> Redis:  # created lazily, in the TestClient's event loop
-        if not clients:
-            clients.append(make_client(redis_url))
-        return clients[0]
-
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(make_admin_router(redis, settings=conf, keys=names))
-    return app
-
-
-@pytest.fixture
-def names() -> RedisKeys:
-    return fresh_names()
+from tests.limits_support import open_gate, settings, spec
+from tests.support.admin import ADMIN, admin_app
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from cluster.errors import ClusterError
 from cluster.gate.contract import Outcome, Usage
 from cluster.gate.redis_keys import RedisKeys
 from tests.limits_support import fresh_names, open_gate, settings, spec
-from tests.test_admin import ADMIN, admin_app
+from tests.support.admin import ADMIN, admin_app
 from tests.test_cli_admin import cli
 
 MODEL = spec()

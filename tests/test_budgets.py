@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from cluster.api.errors import error_body, error_headers, status_of
-from cluster.config.settings import RedisFailMode
+from cluster.config.settings import LedgerSettings, RedisFailMode
 from cluster.errors import ClusterError, QuotaExceeded
 from cluster.gate.contract import Admission, Ending, Outcome, Usage
 from cluster.gate.keys import KeyBudgets, KeyLimits, KeyStore
@@ -19,7 +19,7 @@ from cluster.gate.redis_gate import RedisAdmission, RedisGate
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendStore
 from cluster.tools.redis_server import RedisServer
-from tests.limits_support import fresh_names, open_gate, settings, spec
+from tests.limits_support import open_gate, settings, spec
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,11 +28,6 @@ UNLIMITED = KeyLimits(rpm=0, tpm=0, max_concurrent=0)
 # 10 prompt tokens + 5 output tokens = 10 x 1000 + 5 x 2000 nano-dollars
 COST = MODEL.pricing.cost(10, 5)
 SECRET = "sk-budget-outage-key-0123456789abcdefghijklmn"
-
-
-@pytest.fixture
-def names() -> RedisKeys:
-    return fresh_names()
 
 
 @pytest.fixture
@@ -232,3 +227,18 @@ async def test_fail_closed_refuses_budgeted_keys_too(server: RedisServer, names:
         with pytest.raises(ClusterError) as info:
             await admit(gate, key)
         assert status_of(info.value) == 503
+
+
+async def test_the_ledger_is_trimmed_by_age(redis_url: str, names: RedisKeys) -> None:
+    conf = settings().model_copy(update={"ledger": LedgerSettings(retention_days=1e-8)})
+    async with open_gate(redis_url, names, conf) as gate:  # keeps about a millisecond
+        key, _ = await make_key(gate, names)
+        for _ in range(250):
+            await gate.settle(await admit(gate, key), Usage(1, 1, 0.0), Outcome.ok)
+        # XADD MINID ~ drops whole stream nodes (100 entries) once all are past the age
+        assert await gate.redis.xlen(names.ledger()) < 250
+        async with open_gate(redis_url, names) as keeping:  # the default: 35 days
+            before = await keeping.redis.xlen(names.ledger())
+            for _ in range(250):
+                await keeping.settle(await admit(keeping, key), Usage(1, 1, 0.0), Outcome.ok)
+            assert await keeping.redis.xlen(names.ledger()) == before + 250

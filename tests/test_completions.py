@@ -64,8 +64,14 @@ async def test_a_completion_is_priced_and_settled_once(client: httpx.AsyncClient
     assert body["usage"]["estimated_cost"] == pytest.approx(cost(body["usage"]))
     [(admission, usage, outcome)] = gate.settled
     assert outcome is Outcome.ok and usage.completion_tokens == 4
-    # Reserved: the prompt's estimate plus OpenAI's default of 16 completion tokens.
-    assert admission.reserved_tokens == len("once upon a time") // 3 + 8 + 16
+    # Reserved: the prompt's estimate plus OpenAI's default of 16 completion tokens, and
+    # their worst-case cost for the budgets; the ledger learns the endpoint and status.
+    prompt_estimate = len("once upon a time") // 3 + 8
+    assert admission.reserved_tokens == prompt_estimate + 16
+    assert admission.reserved_cost == pytest.approx((prompt_estimate * 100 + 16 * 200) / 1e6)
+    assert admission.endpoint == "completion"
+    [ending] = gate.endings
+    assert ending.status == 200 and ending.latency_ms >= 0
 
 
 async def test_a_streamed_completion_ends_with_its_priced_usage(client: httpx.AsyncClient,
@@ -196,6 +202,15 @@ async def test_a_completion_failing_mid_stream_is_an_sse_error_settled_as_such()
     data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert json.loads(data[-2])["error"]["message"] == "engine died" and data[-1] == "[DONE]"
     assert [o for *_, o in gate.settled] == [Outcome.error]
+    assert gate.endings[0].status == 200  # what the client got: the stream had begun
+
+
+async def test_a_request_the_engine_refuses_settles_with_the_status_the_client_got(
+        client: httpx.AsyncClient, gate: RecordingGate) -> None:
+    r = await client.post("/v1/completions", json=completion(prompt="w " * 70, max_tokens=40))
+    assert r.status_code == 400, r.text
+    [(_, usage, outcome)] = gate.settled
+    assert (outcome, gate.endings[0].status, usage.estimated_cost) == (Outcome.error, 400, 0)
 
 
 async def test_a_completion_left_before_its_headers_settles_as_disconnected() -> None:
@@ -235,3 +250,24 @@ async def test_a_prompt_past_the_context_is_a_400_even_past_a_tpm_limit() -> Non
         fits = await c.post("/v1/completions", json=completion())
     assert too_long.status_code == 400, too_long.text
     assert fits.status_code == 429 and "Request too large" in fits.json()["error"]["message"]
+
+
+async def test_cached_prompt_tokens_are_shown_priced_lower_and_settled() -> None:
+    gate = RecordingGate()
+    specs = [spec(MODEL, 100.0, 200.0, pricing={"input_per_million": 100.0,
+                                                "output_per_million": 200.0,
+                                                "cached_input_per_million": 10.0})]
+    router = LocalRouter(specs)
+    router.engine(MODEL).cached_tokens = 2
+    app = create_app(InferenceService(specs, router, gate))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        plain = (await c.post("/v1/completions", json=completion())).json()["usage"]
+        streamed = events((await c.post("/v1/chat/completions", json=chat(
+            stream=True, stream_options={"include_usage": True}))).text)[-1]["usage"]
+    for usage in (plain, streamed):
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 2}
+        uncached = usage["prompt_tokens"] - 2
+        assert usage["estimated_cost"] == pytest.approx(
+            (uncached * 100 + 2 * 10 + usage["completion_tokens"] * 200) / 1e6)
+    assert [u.cached_tokens for _, u, _ in gate.settled] == [2, 2]

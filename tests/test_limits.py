@@ -18,17 +18,12 @@ from cluster.gate.keys import KeyLimits, KeyStore
 from cluster.gate.redis_gate import RedisGate
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendStore
-from tests.limits_support import MODEL_A, MODEL_B, fresh_names, open_gate, settings, spec
+from tests.limits_support import MODEL_A, MODEL_B, open_gate, settings, spec
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 A, B = spec(MODEL_A), spec(MODEL_B)
 RESET = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
-
-
-@pytest.fixture
-def names() -> RedisKeys:
-    return fresh_names()
 
 
 @pytest.fixture

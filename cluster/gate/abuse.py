@@ -7,8 +7,9 @@ The admission and settlement scripts count, per key and per minute, in one hash
 ``invalid_value``), ``error`` and ``disconnected`` (outcomes), and ``maxlen`` (prompt +
 max_tokens at least ``maxlen_fraction`` of the model's context).
 
-Rules (:class:`cluster.config.settings.AbuseRules`) are evaluated when an operator asks, so they
-cost nothing on the request path:
+Rules (:class:`cluster.config.settings.AbuseRules`) are evaluated off the request path:
+every ``evaluate_every_s`` by the cluster's one evaluator (:mod:`cluster.gate.monitor`, which
+applies each key's policy), and when an operator asks (``cluster users flagged``):
 
 - ``burst``: a user's requests/min over the last ``burst_window_minutes`` is more than
   ``burst_factor`` x their rate over the ``baseline_minutes`` before (a baseline of at least
