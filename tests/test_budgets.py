@@ -149,6 +149,13 @@ async def test_each_settlement_is_in_the_ledger_once_and_reconciles(
     assert sum(e.cost_nano for e in entries) == total_nano == day.cost_nano
     assert abs(sum(e.cost for e in entries) - day.cost) < 1e-6
     assert day.requests == 3 and day.cached_tokens == 3
+    # a user's spend is kept as long as its budgets need it; a key's for reports
+    user_hashes = [k async for k in gate.redis.scan_iter(
+        match=f"{names.user_spend_prefix(key_id)}alice:*")]
+    ttls = sorted([await gate.redis.ttl(k) for k in user_hashes])
+    assert len(ttls) == 2 and 0 < ttls[0] <= 2 * 86400 < ttls[1] <= 62 * 86400
+    assert await gate.redis.ttl(f"{names.spend_prefix(key_id)}{entries[0].ts // 86_400_000}") \
+        > 300 * 86400
 
 
 async def test_ledger_pages_by_cursor_and_range(gate: RedisGate, names: RedisKeys) -> None:

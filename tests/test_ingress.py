@@ -13,7 +13,9 @@ import pytest
 from cluster.api.errors import status_of
 from cluster.api.ingress import create_app
 from cluster.api.sse import stream_response
-from cluster.gate.contract import Outcome
+from cluster.config.catalog import ModelSpec
+from cluster.errors import QuotaExceeded
+from cluster.gate.contract import Admission, Outcome
 from cluster.serving.service import InferenceService, InferenceStream
 from tests.fakes import LocalRouter, RecordingGate, TinyTpmGate, spec
 
@@ -452,3 +454,32 @@ async def test_a_dead_replica_is_a_503_the_sdk_retries(gate: RecordingGate) -> N
                                                                    "content": "hi"}])
     assert e.value.status_code == 503 and e.value.code == "model_unavailable"
     assert handle.calls == 2  # retried once, after Retry-After
+
+
+class SpentGate(RecordingGate):
+    """A key whose budget is spent: every admission is 429 insufficient_quota."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def admit(self, *, api_key: str | None, user: str | None, model: ModelSpec,
+                    reserve_tokens: int, reserve_cost: float = 0.0,
+                    endpoint: str = "chat") -> Admission:
+        self.calls += 1
+        raise QuotaExceeded("You exceeded your current quota: the daily budget of this API "
+                            "key is spent.", retry_after_s=3600)
+
+
+async def test_the_openai_sdk_does_not_retry_a_spent_budget(router: LocalRouter) -> None:
+    gate = SpentGate()
+    service = InferenceService([r.spec for r in router.replicas.values()], router, gate)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(service)))
+    sdk = openai.AsyncOpenAI(api_key="k", base_url="http://test/v1", http_client=http,
+                             max_retries=3)
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk.chat.completions.create(model=MODEL, messages=[
+            {"role": "user", "content": "a"}])
+    assert info.value.code == "insufficient_quota" and info.value.type == "insufficient_quota"
+    assert gate.calls == 1  # x-should-retry: false, although a 429 is retried by default
+    await http.aclose()

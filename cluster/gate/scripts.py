@@ -22,6 +22,9 @@ from cluster.gate.redis_keys import RedisKeys, scope_name
 WINDOW_MS = 60_000  # RPM and TPM are per minute
 SCOPE_BITS = {"key": 1, "user": 2, "model": 4}  # which scopes hold a reservation
 COMPACT = (",", ":")
+# How long a user's spend per day and per month is kept (budget bits 4 and 8): as long as
+# its budget can need it. A key's spend is kept ``spend_retention_days`` (reports).
+USER_SPEND_TTL_S = {"4": 2 * 86400, "8": 62 * 86400}
 
 
 def lua(name: str) -> str:
@@ -126,7 +129,8 @@ class AdmitCall:
                    "abuse_prefix": self.keys.abuse_prefix(self.key_id),
                    "auth_failures_prefix": self.keys.auth_failures(),
                    "spend_prefix": self.keys.spend_prefix(self.key_id),
-                   "user_spend_prefix": self.keys.user_spend_prefix(self.key_id)}
+                   "user_spend_prefix": self.keys.user_spend_prefix(self.key_id),
+                   "ttl_by_bit": USER_SPEND_TTL_S}
         if self.now_ms is not None:
             fields["now_ms"] = self.now_ms
         return json.dumps(fields, separators=COMPACT)
@@ -188,6 +192,7 @@ class SettleCall:
     def argument(self) -> str:
         fields: dict[str, Any] = dict(vars(self))
         fields["cost"] = f"{float(self.cost):.10f}"  # HINCRBYFLOAT takes the exact decimal
+        fields["ttl_by_bit"] = USER_SPEND_TTL_S
         return json.dumps(fields, separators=COMPACT)
 
 

@@ -5,7 +5,8 @@
 --
 -- ARGV[1]: {keys = {record, blocked_users, user_actions, slots, key_log, key_tokens,
 --           user_log, user_tokens, model_log, model_tokens}, abuse_prefix,
---           auth_failures_prefix, spend_prefix, user_spend_prefix, spend_ttl_s, digest,
+--           auth_failures_prefix, spend_prefix, user_spend_prefix, spend_ttl_s,
+--           ttl_by_bit (of the user day/month hashes, by budget bit), digest,
 --           user ('' none), model, reserve, reserve_nano (worst-case cost), slot_id,
 --           default_rpm, default_tpm, default_max_concurrent, model_tpm (0 none), window_ms,
 --           lease_ms, abuse_ttl_s, max_length, anonymous, now_ms (tests only; else TIME)}
@@ -266,7 +267,7 @@ if refused then return refused end
 local budget_bits = 0
 for _, b in ipairs(budgets) do
   redis.call('HINCRBY', b[1], 'reserved_nano', reserve_nano)
-  redis.call('EXPIRE', b[1], req.spend_ttl_s)
+  redis.call('EXPIRE', b[1], req.ttl_by_bit[tostring(b[2])] or req.spend_ttl_s)
   budget_bits = budget_bits + b[2]
 end
 local bits = 0

@@ -11,7 +11,8 @@
 --           4 user/day, 8 user/month hold reserved_nano), day, month (the periods charged),
 --           outcome (ok|error|disconnected), user, key_id, model, endpoint, status,
 --           latency_ms, at_ms (when it ended), abuse_prefix, abuse_ttl_s, spend_prefix,
---           user_spend_prefix, spend_ttl_s, ledger, ledger_retention_ms}
+--           user_spend_prefix, spend_ttl_s, ttl_by_bit (user day/month hashes, by budget
+--           bit), ledger, ledger_retention_ms}
 -- Returns {applied (false: settled before), delta (tokens charged; negative: refunded)}.
 
 local req = cjson.decode(ARGV[1])
@@ -49,7 +50,7 @@ local function charge(hash, mask)
       redis.call('HINCRBY', hash, 'reserved_nano', -req.reserved_nano) < 0 then
     redis.call('HSET', hash, 'reserved_nano', 0)  -- a Redis restarted without its data
   end
-  redis.call('EXPIRE', hash, req.spend_ttl_s)
+  redis.call('EXPIRE', hash, req.ttl_by_bit[tostring(mask)] or req.spend_ttl_s)
 end
 local day = req.spend_prefix .. req.day
 charge(day, 1)
