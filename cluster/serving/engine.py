@@ -118,7 +118,6 @@ class VLLMEngine:
         from vllm.renderers.online_renderer import OnlineRenderer
 
         e = self.spec.engine
-        # prompt_tokens_details.cached_tokens (prefix-cache hits): priced lower per model
         tools: dict[str, Any] = {"enable_auto_tools": e.tool_call_parser is not None,
                  "tool_parser": e.tool_call_parser}
         common: dict[str, Any] = {"request_logger": None, "chat_template": e.chat_template,
@@ -130,6 +129,7 @@ class VLLMEngine:
                                   **common, **tools)
         renderer.warmup()
         if Endpoint.chat in self.spec.endpoints:
+            # prompt_tokens_details.cached_tokens (prefix-cache hits), priced per model file
             self._chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer,
                                            enable_prompt_tokens_details=True,
                                            **common, **tools)

@@ -1,0 +1,55 @@
+"""What admission does with the abuse monitor's live actions on a user (``admit.lua``
+reading ``RedisKeys.user_actions``): a block is a 403 until it ends, a throttle lowers the
+user's requests/min, expired and lifted entries change nothing; other users are untouched."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.api.errors import error_body, status_of
+from cluster.errors import ClusterError
+from cluster.gate.actions import UserAction
+from cluster.gate.keys import KeyLimits, KeyStore
+from cluster.gate.redis_gate import RedisGate
+from cluster.gate.redis_keys import RedisKeys
+from tests.limits_support import open_gate, spec
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def act(gate: RedisGate, names: RedisKeys, key_id: str, user: str, action: str,
+              minutes: float, rpm: int = 0) -> None:
+    now = int(time.time() * 1000)
+    entry = UserAction(action=action, rpm=rpm, until_ms=now + int(minutes * 60_000),
+                       rule="burst", at_ms=now)
+    await gate.redis.hset(names.user_actions(key_id), user, entry.encoded())
+
+
+async def status(gate: RedisGate, key: str, user: str) -> tuple[int, str]:
+    try:
+        await gate.admit(api_key=key, user=user, model=spec(), reserve_tokens=1)
+    except ClusterError as e:
+        return status_of(e), str(error_body(e)["error"]["message"])
+    return 200, ""
+
+
+async def test_live_actions_refuse_or_throttle_only_their_user(redis_url: str,
+                                                               names: RedisKeys) -> None:
+    async with open_gate(redis_url, names) as gate:
+        created = await KeyStore(gate.redis, names).create("k", KeyLimits(rpm=0, tpm=0))
+        key, key_id = created.secret, created.record.key_id
+        await act(gate, names, key_id, "mallory", "block", minutes=5)
+        await act(gate, names, key_id, "eve", "throttle", minutes=5, rpm=2)
+        await act(gate, names, key_id, "old", "block", minutes=-1)  # ended
+        await act(gate, names, key_id, "freed", "lifted", minutes=5)
+        await act(gate, names, key_id, "watched", "flag", minutes=5)
+
+        code, message = await status(gate, key, "mallory")
+        assert code == 403 and "blocked for this API key for 4m" in message
+        assert [(await status(gate, key, "eve"))[0] for _ in range(3)] == [200, 200, 429]
+        code, message = await status(gate, key, "eve")
+        assert code == 429 and "throttled by abuse monitoring" in message
+        for user in ("old", "freed", "watched", "calm"):
+            assert [(await status(gate, key, user))[0] for _ in range(3)] == [200] * 3
