@@ -55,6 +55,9 @@ def test_cli_sets_a_day_budget_that_admission_enforces(redis_url: str) -> None:
     result = cli(redis_url, "keys", "budget", key_id, "--day-usd", f"{2 * COST}",
                  "--user-month-usd", "5")
     assert result.exit_code == 0, result.output
+    listed = cli(redis_url, "keys", "list").output
+    row = next(line for line in listed.splitlines() if key_id in line)
+    assert row.split("│")[-2].strip() == "day 0.00004, user/month 5"
     assert "$0.00004" in result.output and "$5" in result.output
     statuses = [spend_once(redis_url, RedisKeys(), key) for _ in range(3)]
     assert statuses == [200, 200, 429]
@@ -109,6 +112,10 @@ def test_admin_api_budgets_and_usage_pages(client: tuple[TestClient, RedisKeys],
     assert patched.json()["budgets"] == {"day_usd": None, "month_usd": 10.0,
                                          "user_day_usd": None, "user_month_usd": None}
     assert spend_once(redis_url, names, key, "alice") == 200
+    state = c.get(f"/admin/keys/{key_id}/budgets", headers=ADMIN).json()
+    assert state["budgets"]["month_usd"] == 10.0
+    assert state["spent_today_usd"] == state["spent_this_month_usd"] == pytest.approx(3 * COST)
+    assert c.get("/admin/keys/key_0000000000000000/budgets", headers=ADMIN).status_code == 404
     assert c.patch(f"/admin/keys/{key_id}/budgets", headers=ADMIN,
                    json={"day_usd": -1}).status_code == 400
     page = c.get("/admin/usage", headers=ADMIN, params={

@@ -79,6 +79,12 @@ class BudgetsPatch(KeyBudgets, _Body):
     clear: list[BudgetName] = []
 
 
+class BudgetState(BaseModel):
+    budgets: KeyBudgets
+    spent_today_usd: float
+    spent_this_month_usd: float
+
+
 class UserRef(_Body):
     user: str = Field(min_length=1, max_length=1000)
 
@@ -160,6 +166,15 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
         """USD budgets per UTC day and month, of the key and of each of its users."""
         budgets = KeyBudgets(**body.model_dump(include=set(KeyBudgets.model_fields)))
         return await keys.set_budgets(key_id, budgets, clear=body.clear)
+
+    @router.get("/keys/{key_id}/budgets")
+    async def budgets(key_id: str, keys: Keys, spend: Spend) -> BudgetState:
+        """The key's budgets and what it spent today and this month (UTC), as admission
+        counts them."""
+        record = await keys.get(key_id)
+        today, month = await spend.budget_spend(key_id)
+        return BudgetState(budgets=record.budgets, spent_today_usd=today / 1e9,
+                           spent_this_month_usd=month / 1e9)
 
     @router.get("/usage")
     async def usage(since: Annotated[dt.datetime, Query(description="ISO 8601; UTC if naive")],

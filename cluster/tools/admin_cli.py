@@ -97,15 +97,24 @@ def _limit(value: int | None, default: str) -> str:
 
 def key_table(records: list[KeyRecord]) -> Table:
     table = Table("key_id", "name", "status", "rpm", "tpm", "concurrent", "user rpm",
-                  "user tpm", "models")
+                  "user tpm", "models", "budgets (USD)")
     for r in records:
         status = "revoked" if r.revoked else "blocked" if r.blocked else "active"
         lim = r.limits
         table.add_row(r.key_id, r.name, status, _limit(lim.rpm, "default"),
                       _limit(lim.tpm, "default"), _limit(lim.max_concurrent, "default"),
                       _limit(lim.user_rpm, "-"), _limit(lim.user_tpm, "-"),
-                      ",".join(r.models) if r.models else "all")
+                      ",".join(r.models) if r.models else "all", budget_summary(r))
     return table
+
+
+def budget_summary(record: KeyRecord) -> str:
+    """``day 20, month 400, user/day 1`` or ``-``."""
+    b = record.budgets
+    parts = [f"{name} {value:.9f}".rstrip("0").rstrip(".") for name, value in (
+        ("day", b.day_usd), ("month", b.month_usd), ("user/day", b.user_day_usd),
+        ("user/month", b.user_month_usd)) if value is not None]
+    return ", ".join(parts) or "-"
 
 
 def model_table(rows: list[BaseModel], columns: list[str]) -> Table:
