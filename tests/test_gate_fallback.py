@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cluster.gate.fallback import FallbackLimiter
-from cluster.gate.scripts import WINDOW_MS, KnownKey, decode_admit
+from cluster.gate.scripts import WINDOW_MS, BudgetHold, KnownKey, decode_admit
 
 KEY = KnownKey("key_1", rpm=3, tpm=1000, user_rpm=2, models=",m,")
 
@@ -76,3 +76,27 @@ def test_reply_decoding() -> None:
     assert decode_admit(json.dumps(unknown), "key_9")[1] is None
     revoked = unknown | {"code": "revoked"}
     assert decode_admit(json.dumps(revoked), "key_9")[1] == KnownKey("key_9", "revoked")
+
+
+def test_remembered_budgets_are_bounded_and_spent_down() -> None:
+    limiter = FallbackLimiter(max_budgets=3)
+    for user in ("a", "b", "c"):
+        limiter.remember_budgets("k", user, BudgetHold(key_left=100, key_reset_ms=60_000,
+                                                       user_left=10, user_reset_ms=60_000),
+                                 now=0)
+    assert list(limiter.budget_left) == [("k", "b"), ("k", ""), ("k", "c")]  # "a" dropped
+    key = KnownKey("k")
+    ok = limiter.admit(key, user="c", model="m", reserve=1, slot_id="s1", model_tpm=0,
+                       reserve_nano=10, now=1)
+    assert ok.admitted and limiter.budget_left[("k", "c")][0] == 0
+    over = limiter.admit(key, user="c", model="m", reserve=1, slot_id="s2", model_tpm=0,
+                         reserve_nano=1, now=2)
+    assert (over.code, over.scope, over.retry_ms) == ("budget", "user", 59_998)
+    limiter.credit_budgets("k", "c", 4)  # settled at 6 of the 10 held
+    assert limiter.admit(key, user="c", model="m", reserve=1, slot_id="s3", model_tpm=0,
+                         reserve_nano=4, now=3).admitted
+    assert limiter.admit(key, user="d", model="m", reserve=1, slot_id="s4", model_tpm=0,
+                         reserve_nano=10**6, now=4).code == "budget"  # the key's own left
+    later = limiter.admit(key, user="d", model="m", reserve=1, slot_id="s5", model_tpm=0,
+                          reserve_nano=10**6, now=60_001)  # the period ended: Redis will say
+    assert later.admitted

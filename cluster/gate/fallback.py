@@ -80,8 +80,9 @@ class FallbackLimiter:
     blocked_users: set[tuple[str, str]] = field(default_factory=set)
     _windows: dict[str, _Window] = field(default_factory=dict)
     _slots: dict[str, dict[str, int]] = field(default_factory=dict)
+    max_budgets: int = 100_000  # scopes remembered, least recently admitted dropped first
     # (key_id, user or "") -> [nano-dollars left, epoch ms when that budget resets]
-    budget_left: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    budget_left: OrderedDict[tuple[str, str], list[int]] = field(default_factory=OrderedDict)
 
     def remember(self, digest: str, key: KnownKey) -> None:
         self.known[digest] = key
@@ -101,8 +102,11 @@ class FallbackLimiter:
     def _set_budget(self, scope: tuple[str, str], left: int, reset_at: int) -> None:
         if left < 0:
             self.budget_left.pop(scope, None)
-        else:
-            self.budget_left[scope] = [left, reset_at]
+            return
+        self.budget_left[scope] = [left, reset_at]
+        self.budget_left.move_to_end(scope)
+        while len(self.budget_left) > self.max_budgets:
+            self.budget_left.popitem(last=False)
 
     def _budget_scopes(self, key_id: str, user: str, now: int) -> list[tuple[str, str]]:
         scopes = [(key_id, "")] + ([(key_id, user)] if user else [])
