@@ -249,3 +249,22 @@ async def test_the_ledger_is_trimmed_by_age(redis_url: str, names: RedisKeys) ->
             for _ in range(250):
                 await keeping.settle(await admit(keeping, key), Usage(1, 1, 0.0), Outcome.ok)
             assert await keeping.redis.xlen(names.ledger()) == before + 250
+
+
+async def test_past_pending_max_the_oldest_kept_settlements_are_dropped_and_counted(
+        server: RedisServer, names: RedisKeys) -> None:
+    conf = settings(fail_mode=RedisFailMode.open, redis_retry_s=0.1).model_copy(
+        update={"ledger": LedgerSettings(pending_max=2)})
+    async with open_gate(server.url, names, conf) as gate:
+        key, _ = await make_key(gate, names, SECRET)
+        granted = [await admit(gate, key, f"u{i}") for i in range(3)]
+        server.stop()
+        for g in granted:
+            await gate.settle(g, Usage(10, 5, COST), Outcome.ok)
+        assert gate.pending_settlements == 2 and gate.stats.settlements_dropped == 1
+        server.start()
+        await make_key(gate, names, SECRET)
+        await asyncio.sleep(0.15)
+        assert await gate.flush_pending() == 2
+        entries = [e async for e in UsageLedger(gate.redis, names).entries(0, 2**62)]
+        assert sorted(e.user for e in entries) == ["u1", "u2"]  # u0, the oldest, was dropped

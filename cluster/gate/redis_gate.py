@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import secrets
 import time
@@ -73,7 +72,7 @@ from cluster.errors import StoreUnavailable, Unauthenticated
 from cluster.gate.contract import Admission, Ending, Outcome, Usage, ending_of
 from cluster.gate.fallback import FallbackLimiter
 from cluster.gate.keys import ANONYMOUS, hash_key, key_id_of
-from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.redis_keys import RedisKeys, periods_of
 from cluster.gate.refusals import NO_KEY, refusal
 from cluster.gate.scripts import (
     AdmitCall,
@@ -87,7 +86,6 @@ from cluster.gate.scripts import (
 from cluster.gate.store import UNAVAILABLE, make_client
 
 log = logging.getLogger(__name__)
-EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 @dataclass
@@ -279,8 +277,7 @@ class RedisGate:
         rules, now = self.conf.abuse, time.time()
         day, month = a.budget.day, a.budget.month
         if day < 0:  # admitted in memory: charged to the period it ended in
-            date = dt.datetime.fromtimestamp(now, dt.UTC).date()
-            day, month = date.toordinal() - EPOCH_ORDINAL, date.year * 12 + date.month - 1
+            day, month = periods_of(now)
         held = not a.in_memory  # an in-memory admission holds nothing in Redis
         return SettleCall(
             slots=self.keys.slots(a.key_id),

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "cluster:"
+
+
+def periods_of(seconds: float) -> tuple[int, int]:
+    """The UTC day number and month number (year * 12 + month - 1) the spend keys of a
+    time use, as ``admit.lua`` computes them from Redis's clock."""
+    date = dt.datetime.fromtimestamp(seconds, dt.UTC).date()
+    return (date - dt.date(1970, 1, 1)).days, date.year * 12 + date.month - 1
 
 
 def scope_name(kind: str, key_id: str, user: str = "", model: str = "") -> str:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from cluster.gate.keys import ANONYMOUS
-from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.redis_keys import RedisKeys, periods_of
 
 
 class SpendDay(BaseModel):
@@ -60,12 +60,13 @@ class SpendStore:
     async def budget_spend(self, key_id: str) -> tuple[int, int]:
         """What the key spent today and this month (UTC), nano-dollars, as budgets count."""
         seconds, _ = await self.redis.time()
-        now = dt.datetime.fromtimestamp(int(seconds), dt.UTC).date()
-        day = (now - dt.date(1970, 1, 1)).days
+        day, month = periods_of(int(seconds))
         prefix = self.keys.spend_prefix(key_id)
-        got = [await self.redis.hget(f"{prefix}{p}", "cost_nano")
-               for p in (day, f"m{now.year * 12 + now.month - 1}")]
-        return int(got[0] or 0), int(got[1] or 0)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for period in (day, f"m{month}"):
+                pipe.hget(f"{prefix}{period}", "cost_nano")
+            today, this_month = await pipe.execute()
+        return int(today or 0), int(this_month or 0)
 
     @staticmethod
     def _spend_row(key_id: str, day: int, raw: dict[str, str]) -> SpendDay:

@@ -54,7 +54,7 @@ def run(redis_url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
     """Run ``work`` with a client; turn store errors into a message and exit code 1."""
     url = redis_url or Settings().redis_url
     if not url:
-        _fail("no Redis: pass --redis-url or set CLUSTER_REDIS_URL")
+        fail("no Redis: pass --redis-url or set CLUSTER_REDIS_URL")
     found: str = url
 
     async def main() -> T:
@@ -68,7 +68,7 @@ def run(redis_url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except ClusterError as e:  # the admin API would answer the same status and code
-        _fail(f"{e.message} ({status_of(e)} {e.code})")
+        fail(f"{e.message} ({status_of(e)} {e.code})")
 
 
 def actor() -> str:
@@ -84,7 +84,7 @@ async def audited(r: Redis, action: str, target: str, detail: dict[str, Any],
     return result
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
 
@@ -108,10 +108,15 @@ def key_table(records: list[KeyRecord]) -> Table:
     return table
 
 
+def usd(value: float) -> str:
+    """Dollars to the nano-dollar, without trailing zeros: ``5``, ``0.00004``."""
+    return f"{value:,.9f}".rstrip("0").rstrip(".")
+
+
 def budget_summary(record: KeyRecord) -> str:
     """``day 20, month 400, user/day 1`` or ``-``."""
     b = record.budgets
-    parts = [f"{name} {value:.9f}".rstrip("0").rstrip(".") for name, value in (
+    parts = [f"{name} {usd(value)}" for name, value in (
         ("day", b.day_usd), ("month", b.month_usd), ("user/day", b.user_day_usd),
         ("user/month", b.user_month_usd)) if value is not None]
     return ", ".join(parts) or "-"
@@ -172,7 +177,7 @@ def set_limits(key_id: KeyId, redis_url: RedisUrl = None, rpm: Rpm = None, tpm: 
                        user_tpm=user_tpm)
     bad = set(clear or ()) - set(LIMIT_FIELDS)
     if bad:
-        _fail(f"--clear takes {', '.join(LIMIT_FIELDS)}; not {', '.join(sorted(bad))}")
+        fail(f"--clear takes {', '.join(LIMIT_FIELDS)}; not {', '.join(sorted(bad))}")
     detail = limits.model_dump(exclude_none=True) | {
         "clear": clear or [], "models": model or None, "all_models": all_models}
     record = run(redis_url, lambda r: audited(r, "set_limits", key_id, detail, KeyStore(
@@ -206,7 +211,7 @@ def set_policy(key_id: KeyId, redis_url: RedisUrl = None,
                    min=1, help="How long a throttle or block lasts.")] = None) -> None:
     """Set the key's abuse policy (an option left out: the settings' default)."""
     if action not in (None, "flag", "throttle", "block"):
-        _fail(f"--action takes flag, throttle or block; not {action!r}")
+        fail(f"--action takes flag, throttle or block; not {action!r}")
     policy = AbusePolicy.model_validate({"action": action, "throttle_rpm": throttle_rpm,
                                          "minutes": minutes})
     record = run(redis_url, lambda r: audited(

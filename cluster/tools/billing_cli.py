@@ -17,7 +17,7 @@ from rich.table import Table
 from cluster.gate.keys import BUDGET_FIELDS, KeyBudgets, KeyRecord, KeyStore
 from cluster.gate.ledger import FIELDS, LedgerEntry, UsageLedger
 from cluster.gate.spend import SpendStore
-from cluster.tools.admin_cli import KeyId, RedisUrl, _fail, audited, console, keys_app, run
+from cluster.tools.admin_cli import KeyId, RedisUrl, audited, console, fail, keys_app, run, usd
 
 usage_app = typer.Typer(no_args_is_help=True, help="The usage ledger: one entry per request.")
 
@@ -25,7 +25,7 @@ Usd = Annotated[float | None, typer.Option(min=0, help="USD (absent: unchanged).
 
 
 def _usd(value: float | None) -> str:
-    return "-" if value is None else f"${value:,.6f}".rstrip("0").rstrip(".")
+    return "-" if value is None else f"${usd(value)}"
 
 
 def budget_table(record: KeyRecord, spent_today: int, spent_month: int) -> Table:
@@ -57,7 +57,7 @@ def set_budget(key_id: KeyId, redis_url: RedisUrl = None, day_usd: Usd = None,
     its users. Over budget, requests get 429 insufficient_quota until the period resets."""
     bad = set(clear or ()) - set(BUDGET_FIELDS)
     if bad:
-        _fail(f"--clear takes {', '.join(BUDGET_FIELDS)}; not {', '.join(sorted(bad))}")
+        fail(f"--clear takes {', '.join(BUDGET_FIELDS)}; not {', '.join(sorted(bad))}")
     budgets = KeyBudgets(day_usd=day_usd, month_usd=month_usd, user_day_usd=user_day_usd,
                          user_month_usd=user_month_usd)
     detail = budgets.model_dump(exclude_none=True) | {"clear": clear or []}
@@ -73,7 +73,7 @@ def parse_time(value: str) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"not an ISO 8601 time: {value!r} (e.g. 2026-12-01 or 2026-12-01T12:00:00Z)")
+        fail(f"not an ISO 8601 time: {value!r} (e.g. 2026-12-01 or 2026-12-01T12:00:00Z)")
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
@@ -114,7 +114,7 @@ def export(since: Annotated[str, typer.Option(help="From this time (ISO 8601, UT
     (prompt, completion, cached), cost (USD and nano-USD), status, latency, outcome."""
     start, end = parse_time(since), parse_time(until)
     if end <= start:
-        _fail("--until must be after --since")
+        fail("--until must be after --since")
     if output is None:
         run(redis_url, lambda r: _export(r, start, end, key, Writer(fmt, sys.stdout)))
         return
