@@ -24,6 +24,13 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A server of the test's own, which it may stop (its data goes with it)."""
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
 def names() -> RedisKeys:
     """A key prefix of this test's own on the shared server."""
     return fresh_names()

@@ -132,3 +132,52 @@ def test_admin_api_budgets_and_usage_pages(client: tuple[TestClient, RedisKeys],
     backwards = c.get("/admin/usage", headers=ADMIN,
                       params={"since": "2030-01-01", "until": "2020-01-01"})
     assert backwards.status_code == 400
+
+
+def test_cli_gives_one_user_budgets_of_their_own(redis_url: str) -> None:
+    key, key_id = new_key(redis_url)
+    assert cli(redis_url, "keys", "budget", key_id, "--user-day-usd", f"{COST}").exit_code == 0
+    given = cli(redis_url, "users", "budget", key_id, "vip", "--day-usd", f"{3 * COST}")
+    assert given.exit_code == 0, given.output
+    assert "$0.00006" in given.output.split("day (UTC)")[1].split("\n")[0]  # in force
+    statuses = [spend_once(redis_url, RedisKeys(), key, "vip") for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert [spend_once(redis_url, RedisKeys(), key, "plain") for _ in range(2)] == [200, 429]
+    listed = cli(redis_url, "users", "budget", key_id)
+    assert "vip" in listed.output and "plain" not in listed.output
+    assert "set_user_budget" in cli(redis_url, "audit", "--action", "set_user_budget").output
+    cleared = cli(redis_url, "users", "budget", key_id, "vip", "--clear", "day_usd")
+    assert cleared.exit_code == 0 and "vip" not in cli(redis_url, "users", "budget",
+                                                        key_id).output
+    assert spend_once(redis_url, RedisKeys(), key, "vip") == 429  # the key's $0.00002 again
+    assert cli(redis_url, "users", "budget", key_id, "--day-usd", "1").exit_code == 1
+    assert cli(redis_url, "users", "budget", key_id, "u", "--clear", "rpm").exit_code == 1
+
+
+def test_admin_api_sets_and_shows_a_users_own_budgets(client: tuple[TestClient, RedisKeys],
+                                                      redis_url: str) -> None:
+    c, names = client
+    made = c.post("/admin/keys", headers=ADMIN, json={
+        "name": "u", "limits": {"rpm": 0}, "budgets": {"user_day_usd": COST}})
+    key, key_id = made.json()["key"], made.json()["record"]["key_id"]
+    put = c.put(f"/admin/keys/{key_id}/users/budget", headers=ADMIN,
+                json={"user": "vip", "day_usd": 2 * COST, "month_usd": 1.0})
+    assert put.status_code == 200, put.text
+    assert put.json()["day_usd"] == pytest.approx(2 * COST) and put.json()["month_usd"] == 1.0
+    assert [spend_once(redis_url, names, key, "vip") for _ in range(3)] == [200, 200, 429]
+    shown = c.get(f"/admin/keys/{key_id}/users/budget", headers=ADMIN,
+                  params={"user": "vip"}).json()
+    assert shown["spent_today_usd"] == pytest.approx(2 * COST)
+    assert shown["own"] == {"day_usd": pytest.approx(2 * COST), "month_usd": 1.0}
+    other = c.get(f"/admin/keys/{key_id}/users/budget", headers=ADMIN,
+                  params={"user": "other"}).json()
+    assert other["own"] is None and other["day_usd"] == pytest.approx(COST)
+    listed = c.get(f"/admin/keys/{key_id}/users/budgets", headers=ADMIN).json()
+    assert [s["user"] for s in listed] == ["vip"]
+    assert c.put(f"/admin/keys/{key_id}/users/budget", headers=ADMIN,
+                 json={"user": "vip", "day_usd": "5"}).status_code == 400
+    assert c.put("/admin/keys/key_0000000000000000/users/budget", headers=ADMIN,
+                 json={"user": "vip"}).status_code == 404
+    removed = c.put(f"/admin/keys/{key_id}/users/budget", headers=ADMIN, json={"user": "vip"})
+    assert removed.json()["own"] is None
+    assert c.get(f"/admin/keys/{key_id}/users/budgets", headers=ADMIN).json() == []

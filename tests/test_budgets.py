@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,6 +18,7 @@ from cluster.gate.ledger import UsageLedger
 from cluster.gate.redis_gate import RedisAdmission, RedisGate
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendStore
+from cluster.gate.user_budgets import UserBudget, UserBudgets
 from cluster.tools.redis_server import RedisServer
 from tests.limits_support import open_gate, settings, spec
 
@@ -106,6 +107,27 @@ async def test_user_budgets_hold_per_user_within_the_key(gate: RedisGate, names:
     assert await admitted(gate, key)  # no user: only the key's budgets apply
 
 
+async def test_a_users_own_budgets_replace_the_keys_per_user_ones(
+        gate: RedisGate, names: RedisKeys) -> None:
+    key, key_id = await make_key(gate, names, user_day_usd=2 * COST, user_month_usd=50 * COST)
+    own = UserBudgets(gate.redis, names)
+    await own.set(key_id, "big", UserBudget(day_usd=4 * COST))  # the key's month budget
+    await own.set(key_id, "small", UserBudget(month_usd=COST))
+    assert [await admitted(gate, key, "big") for _ in range(5)] == [True] * 4 + [False]
+    with pytest.raises(QuotaExceeded) as info:
+        await admit(gate, key, "small")
+        await admit(gate, key, "small")
+    assert "monthly budget of this user" in info.value.message
+    assert [await admitted(gate, key, "plain") for _ in range(3)] == [True, True, False]
+
+    state = await own.state(await KeyStore(gate.redis, names).get(key_id), "big")
+    assert (state.day_usd, state.month_usd) == (4 * COST, 50 * COST)
+    assert state.own == UserBudget(day_usd=4 * COST) and state.spent_today_usd == 0
+    await own.set(key_id, "small", UserBudget())  # removed: the key's budgets again
+    assert await own.all(key_id) == {"big": UserBudget(day_usd=4 * COST)}
+    assert await admitted(gate, key, "small")
+
+
 async def test_a_month_budget_resets_on_the_first_of_next_month(
         gate: RedisGate, names: RedisKeys) -> None:
     key, _ = await make_key(gate, names, month_usd=COST)
@@ -173,12 +195,6 @@ async def test_ledger_pages_by_cursor_and_range(gate: RedisGate, names: RedisKey
                for e in (await ledger.page(0, cut)).entries)
     other = await ledger.page(0, 2**62, key_id="key_someone_else")
     assert other.entries == [] and key_id
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
 
 
 async def test_settlements_during_an_outage_reach_the_ledger_when_redis_returns(

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import pytest
 from redis.asyncio import Redis
 
+from cluster.gate.actions import UserAction
 from cluster.gate.fallback import FallbackLimiter
 from cluster.gate.keys import KeyLimits, KeyStore, hash_key, key_id_of
 from cluster.gate.redis_keys import RedisKeys
-from cluster.gate.scripts import AdmitCall, Decision, KnownKey, Scripts, SettleCall
+from cluster.gate.scripts import AdmitCall, Decision, KnownKey, LiveAction, Scripts, SettleCall
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -25,6 +26,16 @@ class Admit:
     reserve: int = 100
     user: str = ""
     model: str = "m"
+
+
+@dataclass(frozen=True)
+class Act:
+    """The abuse monitor's live action on a user, as admission reads it."""
+
+    user: str
+    action: str
+    until: int  # ms after T0
+    rpm: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,17 +58,26 @@ SEQUENCES = {
     "global model tpm": (dict(rpm=0, tpm=0), 700, [
         Admit(0, 400), Admit(1, 400), Admit(2, 400, model="other"), Settle(0, 100),
         Admit(3, 400)]),
+    "abuse actions": (dict(rpm=10, user_rpm=5), 0, [
+        Act("eve", "throttle", 30_000, rpm=2), Act("mal", "block", 20_000),
+        Admit(1, user="eve"), Admit(2, user="eve"), Admit(3, user="eve"), Admit(4, user="mal"),
+        Admit(5, user="bob"), Admit(20_000, user="mal"), Admit(30_000, user="eve")]),
 }
 
 
 async def _run_lua(redis: Redis, limits: dict[str, int], model_tpm: int,
-                   steps: list[Admit | Settle]) -> list[Decision]:
+                   steps: list[Admit | Settle | Act]) -> list[Decision]:
     keys = RedisKeys(f"parity{secrets.token_hex(4)}:")
     created = await KeyStore(redis, keys).create("parity", KeyLimits(**limits))
     digest = hash_key(created.secret)
     key_id = key_id_of(digest)
     scripts, out, admitted = Scripts(redis), [], {}
     for i, step in enumerate(steps):
+        if isinstance(step, Act):
+            entry = UserAction(action=step.action, rpm=step.rpm, until_ms=T0 + step.until,
+                               at_ms=T0)
+            await redis.hset(keys.user_actions(key_id), step.user, entry.encoded())
+            continue
         if isinstance(step, Settle):
             slot, d, user, model = admitted[step.step]
             scopes = d.scopes(key_id, user, model)
@@ -86,10 +106,14 @@ async def _run_lua(redis: Redis, limits: dict[str, int], model_tpm: int,
 
 
 def _run_fallback(limits: dict[str, int], model_tpm: int,
-                  steps: list[Admit | Settle]) -> list[Decision]:
+                  steps: list[Admit | Settle | Act]) -> list[Decision]:
     key = KnownKey("k", **{"rpm": 0, "tpm": 0, "max_concurrent": 0} | limits)
     lim, out, admitted = FallbackLimiter(lease_ms=600_000), [], {}
     for i, step in enumerate(steps):
+        if isinstance(step, Act):  # what admission read from Redis before the outage
+            lim.remember_action("k", step.user, LiveAction(step.action, step.rpm, step.until),
+                                now=T0)
+            continue
         if isinstance(step, Settle):
             slot, d, user, model = admitted[step.step]
             lim.settle(key_id="k", slot_id=slot, scopes=d.scopes("k", user, model),

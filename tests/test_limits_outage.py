@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 SECRET = "sk-outage-test-key-0123456789abcdefghijklmnop"
 RETRY_S = 0.2
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    """A server of this test's own: it gets stopped."""
-    with RedisServer() as s:
-        yield s
 
 
 async def make_key(gate: RedisGate, names: RedisKeys, rpm: int) -> None:

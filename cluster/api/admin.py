@@ -1,5 +1,5 @@
-"""The admin HTTP API (``/admin``): keys, limits, blocking, top and flagged users, abuse
-policies and actions, spend.
+"""The admin HTTP API (``/admin``): keys, limits, budgets of keys and of named users,
+blocking, top and flagged users, abuse policies and actions, spend, the usage ledger.
 
 Every route needs ``Authorization: Bearer <settings.admin_key>`` (401 otherwise; with no
 admin key configured the API refuses everything); :mod:`cluster.api.admin_guard` checks it,
@@ -43,6 +43,7 @@ from cluster.gate.ledger import LedgerPage, UsageLedger
 from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendDay, SpendStore
 from cluster.gate.store import store_errors
+from cluster.gate.user_budgets import UserBudget, UserBudgets, UserBudgetState
 
 ADMIN_KEY = HTTPBearer(auto_error=False, scheme_name="adminKey",
                        description="The admin key: `Authorization: Bearer <admin key>`")
@@ -86,6 +87,13 @@ class BudgetState(BaseModel):
 
 
 class UserRef(_Body):
+    user: str = Field(min_length=1, max_length=1000)
+
+
+class UserBudgetBody(UserBudget, _Body):
+    """A user's own budgets: a period left null keeps the key's per-user budget; with both
+    null the user's own budgets are removed."""
+
     user: str = Field(min_length=1, max_length=1000)
 
 
@@ -202,6 +210,7 @@ def make_admin_router(redis: Callable[[], Redis], settings: Settings,
             return await AuditLog(redis(), layout).recent(limit, action)
 
     _user_routes(router, Keys, Abuse, Spend)
+    _user_budget_routes(router, Keys, redis, layout)
     _abuse_routes(router, Keys, redis, layout, settings)
     return router
 
@@ -237,6 +246,40 @@ def _user_routes(router: APIRouter, Keys: Any, Abuse: Any, Spend: Any) -> None:
     async def spend(spend: Spend, key_id: str | None = None,
                     days: Annotated[int, Query(ge=1, le=400)] = 7) -> list[SpendDay]:
         return await spend.spend(key_id, days)
+
+
+def _user_budget_routes(router: APIRouter, Keys: Any, redis: Callable[[], Redis],
+                        layout: RedisKeys) -> None:
+    """Budgets of named users (:mod:`cluster.gate.user_budgets`)."""
+    async def user_budgets() -> AsyncIterator[UserBudgets]:
+        with store_errors():
+            yield UserBudgets(redis(), layout)
+
+    Budgets = Annotated[UserBudgets, Depends(user_budgets)]
+    UserQuery = Annotated[str, Query(min_length=1, max_length=1000)]
+
+    @router.put("/keys/{key_id}/users/budget")
+    async def set_user_budget(key_id: str, body: UserBudgetBody, keys: Keys,
+                              budgets: Budgets) -> UserBudgetState:
+        """Give one user of the key budgets of their own per UTC day and month, in place of
+        the key's per-user budgets."""
+        record = await keys.get(key_id)
+        await budgets.set(key_id, body.user, UserBudget(day_usd=body.day_usd,
+                                                        month_usd=body.month_usd))
+        return await budgets.state(record, body.user)
+
+    @router.get("/keys/{key_id}/users/budget")
+    async def user_budget(key_id: str, user: UserQuery, keys: Keys,
+                          budgets: Budgets) -> UserBudgetState:
+        """The user's budgets in force and what the user spent today and this month."""
+        return await budgets.state(await keys.get(key_id), user)
+
+    @router.get("/keys/{key_id}/users/budgets")
+    async def users_with_budgets(key_id: str, keys: Keys, budgets: Budgets
+                                 ) -> list[UserBudgetState]:
+        """Every user of the key with budgets of their own."""
+        record = await keys.get(key_id)
+        return [await budgets.state(record, u) for u in await budgets.all(key_id)]
 
 
 def _abuse_routes(router: APIRouter, Keys: Any, redis: Callable[[], Redis], layout: RedisKeys,

@@ -8,7 +8,8 @@ Budgets: what Redis last said was left of the key's and the user's budgets (afte
 admission), spent down by this replica's admissions and credited back by their
 settlements; so a key may overspend by what the other replicas admit during the outage.
 It knows only keys this replica admitted from Redis before the outage (their last limits,
-blocked/revoked state and blocked users); other keys get a 503: failing open must not mean
+blocked/revoked state, blocked users, and the live abuse actions, blocks and throttles, of
+the users it admitted: until they end); other keys get a 503: failing open must not mean
 letting unknown keys in. ``tests/test_gate_parity.py`` runs it and the Lua script on the
 same sequences and asserts the same decisions.
 """
@@ -21,7 +22,14 @@ from dataclasses import dataclass, field
 
 from cluster.errors import RateLimitState
 from cluster.gate.redis_keys import scope_name
-from cluster.gate.scripts import SCOPE_BITS, WINDOW_MS, BudgetHold, Decision, KnownKey
+from cluster.gate.scripts import (
+    SCOPE_BITS,
+    WINDOW_MS,
+    BudgetHold,
+    Decision,
+    KnownKey,
+    LiveAction,
+)
 
 
 class _Window:
@@ -68,6 +76,7 @@ class _Scope:
     rpm: int
     tpm: int
     bit: int
+    throttled: bool = False  # the user's rpm is an abuse throttle's
 
 
 @dataclass
@@ -80,9 +89,12 @@ class FallbackLimiter:
     blocked_users: set[tuple[str, str]] = field(default_factory=set)
     _windows: dict[str, _Window] = field(default_factory=dict)
     _slots: dict[str, dict[str, int]] = field(default_factory=dict)
-    max_budgets: int = 100_000  # scopes remembered, least recently admitted dropped first
+    max_budgets: int = 100_000  # budget and action scopes kept, least recent dropped first
     # (key_id, user or "") -> [nano-dollars left, epoch ms when that budget resets]
     budget_left: OrderedDict[tuple[str, str], list[int]] = field(default_factory=OrderedDict)
+    # (key_id, user) -> (block or throttle, its rpm, epoch ms when it ends)
+    user_actions: OrderedDict[tuple[str, str], tuple[str, int, int]] = field(
+        default_factory=OrderedDict)
 
     def remember(self, digest: str, key: KnownKey) -> None:
         self.known[digest] = key
@@ -98,6 +110,24 @@ class FallbackLimiter:
         self._set_budget((key_id, ""), hold.key_left, now + hold.key_reset_ms)
         if user:
             self._set_budget((key_id, user), hold.user_left, now + hold.user_reset_ms)
+
+    def remember_action(self, key_id: str, user: str, act: LiveAction, now: int) -> None:
+        """The user's live abuse action as admission last read it (none: forgotten)."""
+        scope = (key_id, user)
+        if not act.action:
+            self.user_actions.pop(scope, None)
+            return
+        self.user_actions[scope] = (act.action, act.rpm, now + act.left_ms)
+        self.user_actions.move_to_end(scope)
+        while len(self.user_actions) > self.max_budgets:
+            self.user_actions.popitem(last=False)
+
+    def _live_action(self, key_id: str, user: str, now: int) -> tuple[str, int, int] | None:
+        act = self.user_actions.get((key_id, user)) if user else None
+        if act is not None and act[2] <= now:
+            del self.user_actions[(key_id, user)]  # it ended by itself
+            return None
+        return act
 
     def _set_budget(self, scope: tuple[str, str], left: int, reset_at: int) -> None:
         if left < 0:
@@ -133,11 +163,15 @@ class FallbackLimiter:
     def _window(self, name: str) -> _Window:
         return self._windows.setdefault(name, _Window())
 
-    def _scopes(self, key: KnownKey, user: str, model: str, model_tpm: int) -> list[_Scope]:
-        limits = {"key": (key.rpm, key.tpm), "user": (key.user_rpm, key.user_tpm) if user
-                  else (0, 0), "model": (0, model_tpm)}
+    def _scopes(self, key: KnownKey, user: str, model: str, model_tpm: int,
+                throttle_rpm: int) -> list[_Scope]:
+        urpm = key.user_rpm
+        throttled = throttle_rpm > 0 and (urpm == 0 or throttle_rpm < urpm)
+        limits = {"key": (key.rpm, key.tpm), "user": (
+            throttle_rpm if throttled else urpm, key.user_tpm) if user else (0, 0),
+            "model": (0, model_tpm)}
         return [_Scope(kind, self._window(scope_name(kind, key.key_id, user, model)), rpm, tpm,
-                       SCOPE_BITS[kind])
+                       SCOPE_BITS[kind], throttled and kind == "user")
                 for kind, (rpm, tpm) in limits.items() if rpm > 0 or tpm > 0]
 
     def admit(self, key: KnownKey, *, user: str, model: str, reserve: int, slot_id: str,
@@ -147,9 +181,13 @@ class FallbackLimiter:
             return Decision(key.refusal, "key")
         if user and (key.key_id, user) in self.blocked_users:
             return Decision("user_blocked", "user")
+        act = self._live_action(key.key_id, user, now)
+        if act is not None and act[0] == "block":
+            return Decision("user_blocked", "user", -1, 0, act[2] - now)
         if key.models and f",{model}," not in key.models:
             return Decision("model_not_allowed", "key")
-        scopes = self._scopes(key, user, model, model_tpm)
+        throttle_rpm = act[1] if act is not None and act[0] == "throttle" else 0
+        scopes = self._scopes(key, user, model, model_tpm, throttle_rpm)
         for s in scopes:
             s.window.trim(now - WINDOW_MS)
         refused = self._check(scopes, key, reserve, now)
@@ -170,7 +208,8 @@ class FallbackLimiter:
         for s in scopes:
             w, count = s.window, len(s.window.log)
             if s.rpm > 0 and count + 1 > s.rpm:
-                return self._report(Decision("requests", s.name, s.rpm, count,
+                return self._report(Decision("requests", "throttled" if s.throttled
+                                             else s.name, s.rpm, count,
                                              w.expiry_of_rank(count - s.rpm, now)), scopes, now)
             if s.tpm > 0 and reserve > s.tpm:
                 return self._report(Decision("too_large", s.name, s.tpm, w.sum, 1000),

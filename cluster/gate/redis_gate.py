@@ -228,12 +228,15 @@ class RedisGate:
             self.fallback.forget(call.digest)
             return
         self.fallback.remember(call.digest, known)
-        if decision.code == "user_blocked":
-            self.fallback.blocked_users.add((call.key_id, call.user))
-        elif decision.admitted:
+        now, act = int(time.time() * 1000), decision.user_action
+        if act is not None:  # admission read the user's abuse action (after the block list)
             self.fallback.blocked_users.discard((call.key_id, call.user))
-            self.fallback.remember_budgets(call.key_id, call.user, decision.budget,
-                                           int(time.time() * 1000))
+            self.fallback.remember_action(call.key_id, call.user, act, now)
+        elif decision.code == "user_blocked":
+            self.fallback.blocked_users.add((call.key_id, call.user))
+        if decision.admitted:
+            self.fallback.blocked_users.discard((call.key_id, call.user))
+            self.fallback.remember_budgets(call.key_id, call.user, decision.budget, now)
 
     def _decide_in_memory(self, call: AdmitCall) -> Decision:
         if self.conf.redis_fail_mode == RedisFailMode.closed:

@@ -41,6 +41,10 @@ class RedisKeys:
         """Live abuse actions on users of a key (a hash user -> JSON; see the monitor)."""
         return f"{self.prefix}uact:{key_id}"
 
+    def user_budgets(self, key_id: str) -> str:
+        """Budgets of named users of a key (a hash user -> JSON; see user_budgets)."""
+        return f"{self.prefix}ubudget:{key_id}"
+
     def abuse_actions(self) -> str:
         """Every abuse action taken or lifted (a stream; see :mod:`cluster.gate.actions`)."""
         return f"{self.prefix}abuse:actions"

@@ -49,6 +49,16 @@ class BudgetHold:
 
 
 @dataclass(frozen=True)
+class LiveAction:
+    """The user's live abuse action as admission read it (``action`` ``""``: none), so
+    that the in-memory limiter enforces it while Redis is down."""
+
+    action: str = ""  # "" / "block" / "throttle"
+    rpm: int = 0  # a throttle's requests per minute
+    left_ms: int = 0  # until it ends
+
+
+@dataclass(frozen=True)
 class Decision:
     """One admission verdict. ``code`` is ``ok`` or why it was refused (``invalid_api_key``,
     ``revoked``, ``key_blocked``, ``user_blocked``, ``model_not_allowed``, ``requests``,
@@ -65,6 +75,8 @@ class Decision:
     scope_bits: int = 0  # of the scopes holding the reservation, see SCOPE_BITS
     period: str = ""
     budget: BudgetHold = field(default_factory=BudgetHold, compare=False)  # not a verdict
+    # None: admission did not get as far as the user's abuse action
+    user_action: LiveAction | None = field(default=None, compare=False)
 
     @property
     def admitted(self) -> bool:
@@ -115,7 +127,8 @@ class AdmitCall:
         per-day and per-month buckets are named inside it from their prefixes)."""
         k = self.keys
         names = {"record": k.record(self.key_id), "blocked_users": k.blocked_users(self.key_id),
-                 "user_actions": k.user_actions(self.key_id), "slots": k.slots(self.key_id)}
+                 "user_actions": k.user_actions(self.key_id),
+                 "user_budgets": k.user_budgets(self.key_id), "slots": k.slots(self.key_id)}
         for kind in SCOPE_BITS:
             log, tokens = k.window(scope_name(kind, self.key_id, self.user, self.model))
             names |= {f"{kind}_log": log, f"{kind}_tokens": tokens}
@@ -141,7 +154,8 @@ def decode_admit(reply: str, key_id: str) -> tuple[Decision, KnownKey | None]:
     r = json.loads(reply)  # cjson writes whole numbers as JSON integers
     decision = Decision(r["code"], r["scope"], r["limit"], r["used"], r["retry_ms"],
                         RateLimitState(**r["rate"]), r["scope_bits"], r["period"],
-                        BudgetHold(**r["budget"]))
+                        BudgetHold(**r["budget"]),
+                        LiveAction(**r["user_action"]) if r.get("user_action") else None)
     if decision.code == "invalid_api_key":
         return decision, None
     if decision.code in ("revoked", "key_blocked"):

@@ -57,11 +57,13 @@ class SpendStore:
         return [self._spend_row(kid, day, raw)
                 for (kid, day), raw in zip(wanted, raws, strict=True) if raw]
 
-    async def budget_spend(self, key_id: str) -> tuple[int, int]:
-        """What the key spent today and this month (UTC), nano-dollars, as budgets count."""
+    async def budget_spend(self, key_id: str, user: str = "") -> tuple[int, int]:
+        """What the key (or one user of it) spent today and this month (UTC), in
+        nano-dollars, as budgets count."""
         seconds, _ = await self.redis.time()
         day, month = periods_of(int(seconds))
-        prefix = self.keys.spend_prefix(key_id)
+        prefix = f"{self.keys.user_spend_prefix(key_id)}{user}:" if user \
+            else self.keys.spend_prefix(key_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             for period in (day, f"m{month}"):
                 pipe.hget(f"{prefix}{period}", "cost_nano")

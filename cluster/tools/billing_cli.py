@@ -1,5 +1,6 @@
-"""``cluster keys budget`` and ``cluster usage``: USD budgets of keys, and the usage ledger
-exported for billing (:mod:`cluster.gate.ledger`)."""
+"""``cluster keys budget``, ``cluster users budget`` and ``cluster usage``: USD budgets of
+keys and of named users, and the usage ledger exported for billing
+(:mod:`cluster.gate.ledger`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,18 @@ from rich.table import Table
 from cluster.gate.keys import BUDGET_FIELDS, KeyBudgets, KeyRecord, KeyStore
 from cluster.gate.ledger import FIELDS, LedgerEntry, UsageLedger
 from cluster.gate.spend import SpendStore
-from cluster.tools.admin_cli import KeyId, RedisUrl, audited, console, fail, keys_app, run, usd
+from cluster.gate.user_budgets import UserBudget, UserBudgets, UserBudgetState
+from cluster.tools.admin_cli import (
+    KeyId,
+    RedisUrl,
+    audited,
+    console,
+    fail,
+    keys_app,
+    run,
+    usd,
+    users_app,
+)
 
 usage_app = typer.Typer(no_args_is_help=True, help="The usage ledger: one entry per request.")
 
@@ -66,6 +78,57 @@ def set_budget(key_id: KeyId, redis_url: RedisUrl = None, day_usd: Usd = None,
                               _budgets(r, key_id, budgets, clear or []))) if changes \
         else (lambda r: _budgets(r, key_id, budgets, []))
     console.print(budget_table(*run(redis_url, work)))
+
+
+def user_budget_table(states: list[UserBudgetState]) -> Table:
+    table = Table("user", "budget", "in force", "own", "spent")
+    for st in states:
+        own = st.own or UserBudget()
+        table.add_row(st.user, "day (UTC)", _usd(st.day_usd), _usd(own.day_usd),
+                      _usd(st.spent_today_usd))
+        table.add_row("", "month (UTC)", _usd(st.month_usd), _usd(own.month_usd),
+                      _usd(st.spent_this_month_usd))
+    return table
+
+
+async def _user_budgets(r: Redis, key_id: str, user: str | None,
+                        change: tuple[UserBudget, list[str]] | None) -> list[UserBudgetState]:
+    record, store = await KeyStore(r).get(key_id), UserBudgets(r)
+    if user is None:
+        return [await store.state(record, u) for u in await store.all(key_id)]
+    if change is not None:
+        given, clear = change
+        own = (await store.get(key_id, user) or UserBudget()).model_dump()
+        own |= given.model_dump(exclude_none=True) | {f: None for f in clear}
+        await store.set(key_id, user, UserBudget(**own))
+    return [await store.state(record, user)]
+
+
+@users_app.command("budget")
+def user_budget(key_id: KeyId, user: Annotated[str | None, typer.Argument(
+                    help="The user (the request's `user`); absent: every user with budgets "
+                         "of their own.")] = None,
+                redis_url: RedisUrl = None, day_usd: Usd = None, month_usd: Usd = None,
+                clear: Annotated[list[str] | None, typer.Option(
+                    help="Go back to the key's per-user budget: day_usd, month_usd "
+                         "(repeat).")] = None) -> None:
+    """Show or set one user's own USD budgets per UTC day and month, in place of the key's
+    per-user budgets (a customer on a larger plan, or a tighter cap on one user)."""
+    bad = set(clear or ()) - set(UserBudget.model_fields)
+    if bad:
+        fail(f"--clear takes day_usd, month_usd; not {', '.join(sorted(bad))}")
+    given = UserBudget(day_usd=day_usd, month_usd=month_usd)
+    changes = bool(clear) or not given.empty
+    if user is None and changes:
+        fail("name the USER whose budgets to set")
+    if user is None or not changes:
+        states = run(redis_url, lambda r: _user_budgets(r, key_id, user, None))
+    else:
+        detail = {"user": user} | given.model_dump(exclude_none=True) | {"clear": clear or []}
+        states = run(redis_url, lambda r: audited(
+            r, "set_user_budget", key_id, detail,
+            _user_budgets(r, key_id, user, (given, clear or []))))
+    console.print(user_budget_table(states))
 
 
 def parse_time(value: str) -> dt.datetime:

@@ -3,16 +3,16 @@
 -- argument and the reply are JSON objects with named fields, encoded and decoded in one
 -- place: cluster/gate/scripts.py (AdmitCall, Decision). KEYS lists every key touched.
 --
--- ARGV[1]: {keys = {record, blocked_users, user_actions, slots, key_log, key_tokens,
---           user_log, user_tokens, model_log, model_tokens}, abuse_prefix,
+-- ARGV[1]: {keys = {record, blocked_users, user_actions, user_budgets, slots, key_log,
+--           key_tokens, user_log, user_tokens, model_log, model_tokens}, abuse_prefix,
 --           auth_failures_prefix, spend_prefix, user_spend_prefix, spend_ttl_s,
 --           ttl_by_bit (of the user day/month hashes, by budget bit), digest,
 --           user ('' none), model, reserve, reserve_nano (worst-case cost), slot_id,
 --           default_rpm, default_tpm, default_max_concurrent, model_tpm (0 none), window_ms,
 --           lease_ms, abuse_ttl_s, max_length, anonymous, now_ms (tests only; else TIME)}
 -- Returns {code, scope, limit, used, retry_ms, period, rate = {...}, key = {...},
--- scope_bits, budget = {bits, day, month}}: code 'ok' admitted; anything else refused,
--- with nothing reserved. -1: no such limit.
+-- scope_bits, budget = {bits, day, month, ...}, user_action}: code 'ok' admitted;
+-- anything else refused, with nothing reserved. -1: no such limit.
 
 local req = cjson.decode(ARGV[1])
 local K = req.keys
@@ -66,6 +66,9 @@ local budget_limits = {}  -- record field -> nano-dollars, for the budgets the k
 -- per scope kind, the least budget left after this request and when that budget resets
 -- (for the in-memory limiter of fail-open mode); -1: no budget
 local left = {key = {-1, 0}, user = {-1, 0}}
+-- the user's live abuse action, for the in-memory limiter too: null until it is looked up,
+-- then {action = '' (none) | 'block' | 'throttle', rpm, left_ms}
+local live_action = cjson.null
 
 -- when the entry at 0-based rank `rank` leaves the window
 local function expiry_of_rank(z, rank)
@@ -98,6 +101,7 @@ local function report(code, scope, limit, used, retry_ms, bits, budget_bits, per
     budget = {bits = budget_bits or 0, day = day, month = month,
               key_left = left.key[1], key_reset_ms = left.key[2],
               user_left = left.user[1], user_reset_ms = left.user[2]},
+    user_action = live_action,
     rate = {limit_requests = lr, remaining_requests = rr, reset_requests_ms = tr,
             limit_tokens = lt, remaining_tokens = rt, reset_tokens_ms = tt}})
 end
@@ -130,6 +134,13 @@ else
   urpm, utpm, models = num(rec[7], 0), num(rec[8], 0), rec[9] or ''
   budget_limits = {key_day = num(rec[10]), key_month = num(rec[11]),
                    user_day = num(rec[12]), user_month = num(rec[13])}
+  -- the user's own budgets, in place of the key's per-user ones (null: the key's)
+  local own = user ~= '' and redis.call('HGET', K.user_budgets, user)
+  if own then
+    own = cjson.decode(own)
+    if own.day ~= cjson.null then budget_limits.user_day = own.day end
+    if own.month ~= cjson.null then budget_limits.user_month = own.month end
+  end
 end
 if user ~= '' and redis.call('SISMEMBER', K.blocked_users, user) == 1 then
   bump({'rej', 'rej:forbidden'})
@@ -140,6 +151,10 @@ local throttled = false
 if user ~= '' then
   local raw = redis.call('HGET', K.user_actions, user)
   local act = raw and cjson.decode(raw)
+  live_action = {action = '', rpm = 0, left_ms = 0}
+  if act and act.until_ms > now and (act.action == 'block' or act.action == 'throttle') then
+    live_action = {action = act.action, rpm = act.rpm or 0, left_ms = act.until_ms - now}
+  end
   if act and act.until_ms > now then
     if act.action == 'block' then
       bump({'rej', 'rej:forbidden'})
