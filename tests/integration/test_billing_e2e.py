@@ -108,7 +108,8 @@ def test_streamed_failed_and_disconnected_requests_settle_to_what_they_used(
                                              "stream_options": {"include_usage": True},
                                              "ignore_eos": True})
     usage = json.loads(lines[-2])["usage"]
-    stream_lines(stack, key, ask | {"max_tokens": 400, "stream": True, "ignore_eos": True},
+    # hangs up after three data lines, long before 900 tokens (however deltas merge)
+    stream_lines(stack, key, ask | {"max_tokens": 900, "stream": True, "ignore_eos": True},
                  keep=3)
     too_long = httpx.post(f"{stack.base_url}/v1/completions", headers=headers(key), json={
         "model": TINY_A, "prompt": [7] * 1100, "max_tokens": 1}, timeout=60)
@@ -124,7 +125,7 @@ def test_streamed_failed_and_disconnected_requests_settle_to_what_they_used(
     assert (streamed.prompt_tokens, streamed.completion_tokens) == (
         usage["prompt_tokens"], usage["completion_tokens"])
     assert streamed.cost == pytest.approx(usage["estimated_cost"], abs=1e-12)
-    assert left.outcome == "disconnected" and 1 <= left.completion_tokens < 400
+    assert left.outcome == "disconnected" and 1 <= left.completion_tokens < 900
     assert (failed.outcome, failed.status, failed.cost_nano) == ("error", 400, 0)
     day = spend_hash(stack, key_id)
     assert int(day["reserved_nano"]) == 0
