@@ -278,8 +278,7 @@ def _user_budget_routes(router: APIRouter, Keys: Any, redis: Callable[[], Redis]
     async def users_with_budgets(key_id: str, keys: Keys, budgets: Budgets
                                  ) -> list[UserBudgetState]:
         """Every user of the key with budgets of their own."""
-        record = await keys.get(key_id)
-        return [await budgets.state(record, u) for u in await budgets.all(key_id)]
+        return await budgets.states(await keys.get(key_id))
 
 
 def _abuse_routes(router: APIRouter, Keys: Any, redis: Callable[[], Redis], layout: RedisKeys,

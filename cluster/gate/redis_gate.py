@@ -234,8 +234,7 @@ class RedisGate:
             self.fallback.remember_action(call.key_id, call.user, act, now)
         elif decision.code == "user_blocked":
             self.fallback.blocked_users.add((call.key_id, call.user))
-        if decision.admitted:
-            self.fallback.blocked_users.discard((call.key_id, call.user))
+        if decision.admitted:  # (with a user, its action was read: unblocked above)
             self.fallback.remember_budgets(call.key_id, call.user, decision.budget, now)
 
     def _decide_in_memory(self, call: AdmitCall) -> Decision:

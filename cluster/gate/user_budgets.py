@@ -79,8 +79,15 @@ class UserBudgets:
         raw = cast(dict[str, str], await self.redis.hgetall(self.keys.user_budgets(key_id)))
         return {user: UserBudget.decode(v) for user, v in sorted(raw.items())}
 
-    async def state(self, record: KeyRecord, user: str) -> UserBudgetState:
-        own = await self.get(record.key_id, user)
+    async def states(self, record: KeyRecord) -> list[UserBudgetState]:
+        """Every user of the key with budgets of their own."""
+        return [await self.state(record, user, own)
+                for user, own in (await self.all(record.key_id)).items()]
+
+    async def state(self, record: KeyRecord, user: str,
+                    own: UserBudget | None = None) -> UserBudgetState:
+        """``own``: the user's own budgets when the caller read them already."""
+        own = own or await self.get(record.key_id, user)
         today, month = await SpendStore(self.redis, self.keys).budget_spend(record.key_id, user)
         key = record.budgets
         return UserBudgetState(

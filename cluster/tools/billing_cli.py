@@ -95,7 +95,7 @@ async def _user_budgets(r: Redis, key_id: str, user: str | None,
                         change: tuple[UserBudget, list[str]] | None) -> list[UserBudgetState]:
     record, store = await KeyStore(r).get(key_id), UserBudgets(r)
     if user is None:
-        return [await store.state(record, u) for u in await store.all(key_id)]
+        return await store.states(record)
     if change is not None:
         given, clear = change
         own = (await store.get(key_id, user) or UserBudget()).model_dump()

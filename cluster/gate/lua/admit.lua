@@ -154,13 +154,11 @@ if user ~= '' then
   live_action = {action = '', rpm = 0, left_ms = 0}
   if act and act.until_ms > now and (act.action == 'block' or act.action == 'throttle') then
     live_action = {action = act.action, rpm = act.rpm or 0, left_ms = act.until_ms - now}
-  end
-  if act and act.until_ms > now then
     if act.action == 'block' then
       bump({'rej', 'rej:forbidden'})
-      return refuse('user_blocked', 'user', -1, 0, act.until_ms - now)
-    elseif act.action == 'throttle' and act.rpm > 0 and (urpm == 0 or act.rpm < urpm) then
-      urpm, throttled = act.rpm, true
+      return refuse('user_blocked', 'user', -1, 0, live_action.left_ms)
+    elseif live_action.rpm > 0 and (urpm == 0 or live_action.rpm < urpm) then
+      urpm, throttled = live_action.rpm, true
     end
   end
 end
