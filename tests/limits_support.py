@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from cluster.config.catalog import ModelSpec
 from cluster.config.settings import AbuseRules, LimitDefaults, RedisFailMode, Settings
 from cluster.gate.redis_gate import RedisGate
 from cluster.gate.redis_keys import RedisKeys
+from cluster.gate.scripts import lua
 
 MODEL_A = "acme/model-a"
 MODEL_B = "acme/model-b"
@@ -45,3 +47,14 @@ async def open_gate(url: str, names: RedisKeys, conf: Settings | None = None
         yield gate
     finally:
         await gate.close()
+
+
+# The race tests assert exactness, not latency: a CI machine that stalls for a second must
+# not turn the burst into socket timeouts (and fail-closed refusals).
+RACE_TIMEOUT_S = 10.0
+
+
+async def warm(gate: RedisGate, connections: int) -> None:
+    """Open the pool's connections and load the script, so a race starts warm."""
+    await asyncio.gather(*(gate.redis.ping() for _ in range(connections)))
+    await gate.redis.script_load(lua("admit.lua"))

@@ -20,7 +20,7 @@ from cluster.gate.redis_keys import RedisKeys
 from cluster.gate.spend import SpendStore
 from cluster.gate.user_budgets import UserBudget, UserBudgets
 from cluster.tools.redis_server import RedisServer
-from tests.limits_support import open_gate, settings, spec
+from tests.limits_support import RACE_TIMEOUT_S, open_gate, settings, spec, warm
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -142,8 +142,10 @@ async def test_a_month_budget_resets_on_the_first_of_next_month(
 
 async def test_two_replicas_admit_exactly_what_the_budget_covers(
         redis_url: str, names: RedisKeys) -> None:
-    async with open_gate(redis_url, names) as one, open_gate(redis_url, names) as two:
+    conf = settings(redis_timeout_s=RACE_TIMEOUT_S)
+    async with open_gate(redis_url, names, conf) as one, open_gate(redis_url, names, conf) as two:
         key, _ = await make_key(one, names, day_usd=50 * COST)
+        await asyncio.gather(warm(one, 100), warm(two, 100))
         tries = [admitted(g, key, f"u{i % 7}") for i in range(100) for g in (one, two)]
         results = await asyncio.gather(*tries)
     assert sum(results) == 50

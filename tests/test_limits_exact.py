@@ -15,8 +15,7 @@ from cluster.errors import ClusterError
 from cluster.gate.keys import KeyLimits, KeyStore
 from cluster.gate.redis_gate import RedisGate
 from cluster.gate.redis_keys import RedisKeys
-from cluster.gate.scripts import lua
-from tests.limits_support import fresh_names, settings, spec
+from tests.limits_support import RACE_TIMEOUT_S, fresh_names, settings, spec, warm
 
 PER_PROCESS = 100
 RPM = 50
@@ -28,11 +27,9 @@ def replica(url: str, prefix: str, secret: str, barrier: Any, out: Any) -> None:
 
 
 async def _fire(url: str, prefix: str, secret: str, barrier: Any) -> dict[str, Any]:
-    gate = RedisGate.from_url(url, settings(), RedisKeys(prefix))
+    gate = RedisGate.from_url(url, settings(redis_timeout_s=RACE_TIMEOUT_S), RedisKeys(prefix))
     try:
-        # Open the connections and load the script first: the race starts at the barrier.
-        await asyncio.gather(*(gate.redis.ping() for _ in range(PER_PROCESS)))
-        await gate.redis.script_load(lua("admit.lua"))
+        await warm(gate, PER_PROCESS)  # the race starts at the barrier
         await asyncio.to_thread(barrier.wait)
         started = time.time()  # wall clock: compared across the two processes
         results = await asyncio.gather(*(_one(gate, secret) for _ in range(PER_PROCESS)))
